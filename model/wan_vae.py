@@ -172,7 +172,8 @@ class Downsample(nn.Module):
     Space: zero-pad one pixel on the right and bottom, then a stride-2 3x3 conv on each frame (`resample.1`).
     Time: frame 0 passes unchanged, then output j >= 1 is `time_conv` (kernel 3, stride 2, no padding) over
     frames 2j-2, 2j-1, 2j -- so 1 + 2n frames -> 1 + n. Between chunks the last frame is remembered, as it opens
-    the next window. [B, C, T, H, W] -> [B, C, T or (T-1)/2 + 1 at stream start, H/2, W/2].
+    the next window. [B, C, T, H, W] -> [B, C, T', H/2, W/2] with T' = T without `temporal`, else (T-1)/2 + 1 for
+    the chunk that starts the stream and T/2 for later chunks.
     """
 
     def __init__(self, dim: int, temporal: bool):
@@ -202,7 +203,8 @@ class Upsample(nn.Module):
     Time first: frame 0 passes unchanged; every later frame goes through the causal `time_conv` (C -> 2C, its
     stream starting at frame 1 with zero padding), and each output's two channel halves become two consecutive
     frames, so 1 + n frames -> 1 + 2n. Space: nearest-exact 2x upsampling, then a 3x3 conv C -> C/2 on each frame
-    (`resample.1`). [B, C, T, H, W] -> [B, C/2, T or 2T - 1 at stream start, 2H, 2W].
+    (`resample.1`). [B, C, T, H, W] -> [B, C/2, T', 2H, 2W] with T' = T without `temporal`, else 2T - 1 for the
+    chunk that starts the stream and 2T for later chunks.
     """
 
     def __init__(self, dim: int, temporal: bool):
