@@ -1,0 +1,774 @@
+"""Pixels on disk: image and video IO, synthetic degradations, and paired (clean, degraded) datasets.
+
+Conventions used everywhere in this file:
+
+- an image is a float32 tensor [3, H, W] with values in [0, 1] (RGB);
+- a video is a float32 tensor [3, F, H, W] in [0, 1]: channels first, frames second, which is the layout the
+  video VAE takes once a batch axis is added in front;
+- every random choice is drawn from an explicit `torch.Generator` argument, never from the global RNG, so a
+  crop or a degradation is a pure function of (inputs, generator state).
+
+Sections: IO (`read_image`, `write_image`, `read_video`, `write_video`), degradations (`DEGRADATIONS`), and
+datasets (`PairedFolders`, `Manifest`, `Synthetic`), each with `pair(index, generator) -> (clean, degraded)`.
+
+    clean = read_image("photo.png")                            # [3, H, W]
+    hazy = DEGRADATIONS["haze"](clean, torch.Generator().manual_seed(0))
+    pairs = PairedFolders("data/rain", size=512)               # root/clean/*.png and root/degraded/*.png
+    clean, degraded = pairs.pair(0, torch.Generator().manual_seed(0))  # two [3, 512, 512] crops
+"""
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from weights import atomic_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+# Frame rate of a folder of frames when the caller gives none: Wan2.1 generates and was trained at 16 fps.
+DEFAULT_FOLDER_FPS = Fraction(16)
+
+# ================================================================================================== IO
+
+# Pillow modes that read_image refuses, with the reason shown to the user. Anything else that is not RGB or P
+# (palette) is refused too, as an "unsupported mode".
+_REFUSED_MODES = {
+    "1": "a black-and-white (1-bit) image",
+    "L": "a grayscale image",
+    "I": "a grayscale (32-bit integer) image",
+    "I;16": "a grayscale (16-bit) image",
+    "I;16B": "a grayscale (16-bit) image",
+    "I;16L": "a grayscale (16-bit) image",
+    "F": "a grayscale (32-bit float) image",
+    "LA": "a grayscale image with an alpha channel",
+    "La": "a grayscale image with an alpha channel",
+    "RGBA": "an image with an alpha channel",
+    "RGBa": "an image with an alpha channel",
+    "PA": "a palette image with an alpha channel",
+    "CMYK": "a CMYK image (converting it to RGB properly needs its colour profile)",
+}
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside `folder` (png/jpg/jpeg/bmp/webp/tif/tiff), sorted by name.
+
+    Raises ValueError when `folder` is not a folder or holds no image file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def list_videos(folder: str | os.PathLike) -> list[Path]:
+    """The videos directly inside `folder`, sorted by name: video files (mp4/mov/mkv/webm/avi) and sub-folders
+    (each sub-folder is one video stored as frame images). Raises ValueError when there is none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    videos = sorted(p for p in folder.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_SUFFIXES)}) or frame sub-folders in it")
+    return videos
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Read an RGB image file as float32 [3, H, W] in [0, 1].
+
+    Only RGB pixels are accepted, nothing is converted behind your back: grayscale, alpha (RGBA, LA, or a
+    palette with a transparent colour), CMYK and animated images raise ValueError. A palette ("P") image
+    without transparency IS accepted: its palette entries are RGB colours, so the lookup is exact. EXIF
+    orientation tags are ignored (pixels are returned as stored). Unreadable or corrupt files raise ValueError.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) > 1:
+                raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
+            mode = image.mode
+            if mode == "P" and "transparency" in image.info:
+                raise ValueError(f"{path}: a palette image with a transparent colour; convert it to RGB first")
+            if mode in _REFUSED_MODES:
+                raise ValueError(f"{path}: {_REFUSED_MODES[mode]}; convert it to RGB first")
+            if mode not in ("RGB", "P"):
+                raise ValueError(f"{path}: unsupported image mode {mode!r}; convert it to RGB first")
+            image.load()
+            pixels = np.asarray(image.convert("RGB") if mode == "P" else image)
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: cannot read this image file ({err})") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def _to_uint8(pixels: Tensor, expected: str, what: str) -> np.ndarray:
+    """[3, ...] float in [0, 1] -> uint8 array with the channel axis last. `expected` names the shape."""
+    if not isinstance(pixels, Tensor) or not pixels.is_floating_point() or pixels.shape[0] != 3 or not pixels.numel():
+        raise ValueError(f"{what}: expected a float tensor {expected}, got {_describe(pixels)}")
+    pixels = pixels.detach().float().cpu()
+    if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+        raise ValueError(f"{what}: values must be finite and in [0, 1] (clamp first), got range "
+                         f"[{pixels.min().item():.4g}, {pixels.max().item():.4g}]")
+    return pixels.mul(255).round_().to(torch.uint8).movedim(0, -1).numpy()
+
+
+def _describe(x: object) -> str:
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
+def write_image(path: str | os.PathLike, image: Tensor, jpeg_quality: int = 95) -> None:
+    """Write an image [3, H, W] in [0, 1] as PNG (.png) or JPEG (.jpg/.jpeg, at `jpeg_quality`), atomically.
+
+    Values are rounded to 8 bits, so a PNG round trip of an image read by `read_image` is exact. Values
+    outside [0, 1] raise ValueError (clamp first). The file appears under its name only when complete.
+    """
+    path = Path(path)
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"{path}: write_image writes .png, .jpg or .jpeg, not {path.suffix!r}")
+    if not isinstance(image, Tensor) or image.ndim != 3:
+        raise ValueError(f"{path}: expected an image tensor [3, H, W], got {_describe(image)}")
+    pixels = _to_uint8(image, "[3, H, W]", str(path))
+    options = {"quality": jpeg_quality} if formats[path.suffix.lower()] == "JPEG" else {}
+    with atomic_file(path) as tmp:
+        Image.fromarray(pixels, "RGB").save(tmp, format=formats[path.suffix.lower()], **options)
+
+
+@dataclass
+class Video:
+    """A decoded video. `frames`: float32 [3, F, H, W] in [0, 1]; `fps`: the exact frame rate (e.g.
+    Fraction(24000, 1001)); `has_audio`: whether the source file has an audio stream."""
+
+    frames: Tensor
+    fps: Fraction
+    has_audio: bool
+
+
+def _as_fraction(fps: Fraction | float | int, what: str) -> Fraction:
+    """A frame rate as an exact Fraction; floats are snapped to the nearest ratio with denominator <= 10000,
+    so 23.976023976... becomes 24000/1001."""
+    rate = Fraction(fps).limit_denominator(10000) if isinstance(fps, float) else Fraction(fps)
+    if rate <= 0:
+        raise ValueError(f"{what}: frame rate must be positive, got {fps}")
+    return rate
+
+
+def read_video(path: str | os.PathLike, fps: Fraction | float | int | None = None) -> Video:
+    """Read a whole video: a file PyAV can decode (mp4/mov/mkv/webm/avi) or a folder of frame images.
+
+    A folder's frames are its image files sorted by name; its rate is `fps`, or DEFAULT_FOLDER_FPS (16, Wan's
+    rate) when none is given, and `has_audio` is False. For a file the rate is read from the stream (`fps`
+    must then be None). Zero frames, an unreadable file or frames of different sizes raise ValueError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        rate = DEFAULT_FOLDER_FPS if fps is None else _as_fraction(fps, str(path))
+        return Video(_read_frame_images(list_images(path), str(path)), rate, has_audio=False)
+    if fps is not None:
+        raise ValueError(f"{path}: fps is only for folders of frames; a video file carries its own rate")
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise ValueError(f"{path}: the video stream states no frame rate")
+        frames = _decode_frames(container, path, start=0, count=None)
+        return Video(frames, Fraction(rate), has_audio=bool(container.streams.audio))
+
+
+def video_length(path: str | os.PathLike) -> int:
+    """Number of frames of a video file or of a folder of frames (cheap: from the header when it says)."""
+    path = Path(path)
+    if path.is_dir():
+        return len(list_images(path))
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        if stream.frames > 0:
+            return stream.frames
+        return sum(1 for _ in container.decode(stream))  # the container does not say: count by decoding
+
+
+def read_clip(source: str | os.PathLike | Sequence[str | os.PathLike], start: int, count: int) -> Tensor:
+    """Frames [start, start + count) of a video file, a folder of frames, or a list of frame image paths,
+    as float32 [3, count, H, W]. Raises ValueError when the video has fewer frames."""
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_dir():
+        with _open_video(Path(source)) as container:
+            return _decode_frames(container, Path(source), start, count)
+    paths = list_images(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    name = str(source) if isinstance(source, (str, os.PathLike)) else f"frames {paths[0]} ..."
+    if start + count > len(paths):
+        raise ValueError(f"{name}: asked for frames {start}..{start + count - 1} of a {len(paths)}-frame video")
+    return _read_frame_images(paths[start:start + count], name)
+
+
+def _read_frame_images(paths: Sequence[Path], name: str) -> Tensor:
+    """Read frame images that must all have one size -> [3, F, H, W]."""
+    frames = [read_image(p) for p in paths]
+    for p, frame in zip(paths, frames):
+        if frame.shape != frames[0].shape:
+            raise ValueError(f"{name}: mixed frame sizes: {paths[0].name} is {_hw(frames[0])} but "
+                             f"{p.name} is {_hw(frame)}")
+    return torch.stack(frames, dim=1)
+
+
+def _hw(x: Tensor) -> str:
+    return f"{x.shape[-2]}x{x.shape[-1]} (HxW)"
+
+
+def _open_video(path: Path) -> av.container.InputContainer:
+    """Open a file with PyAV, with a readable ValueError when it is not a video."""
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise ValueError(f"{path}: cannot open this video file ({err})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path}: the file has no video stream")
+    return container
+
+
+def _decode_frames(container: av.container.InputContainer, path: Path, start: int, count: int | None) -> Tensor:
+    """Decode frames [start, start + count) (all from `start` when count is None) -> [3, F, H, W]."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    frames: list[np.ndarray] = []
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            if index < start:
+                continue
+            if count is not None and len(frames) == count:
+                break
+            pixels = frame.to_ndarray(format="rgb24")
+            if frames and pixels.shape != frames[0].shape:
+                raise ValueError(f"{path}: mixed frame sizes: frame {start} is {frames[0].shape[:2]} (HxW) but "
+                                 f"frame {index} is {pixels.shape[:2]}")
+            frames.append(pixels)
+    except av.FFmpegError as err:
+        raise ValueError(f"{path}: cannot decode this video ({err})") from None
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames" + (f" from frame {start} on" if start else ""))
+    if count is not None and len(frames) < count:
+        raise ValueError(f"{path}: asked for frames {start}..{start + count - 1} of a "
+                         f"{start + len(frames)}-frame video")
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float().div_(255)
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: Tensor,
+    fps: Fraction | float | int,
+    audio_from: str | os.PathLike | None = None,
+    crf: int = 17,
+) -> None:
+    """Write frames [3, F, H, W] in [0, 1] as an H.264 .mp4 at exactly `fps`, atomically.
+
+    Even sizes are encoded as yuv420p (plays everywhere). yuv420p cannot hold an odd width or height, so odd
+    sizes are encoded as yuv444p (H.264 High 4:4:4: exact size, plays in ffmpeg/VLC, not in every browser).
+    `crf` is x264's constant rate factor (lower = better; 17 is visually lossless).
+
+    When `audio_from` names a media file with an audio stream, that audio (from its start, cut to the length
+    of the written video) is transcoded to AAC and muxed in; a file without audio adds none. Values outside
+    [0, 1], a wrong shape or an unreadable `audio_from` raise ValueError and leave no file behind.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"{path}: write_video writes .mp4 files, not {path.suffix!r}")
+    if not isinstance(frames, Tensor) or frames.ndim != 4:
+        raise ValueError(f"{path}: expected a video tensor [3, F, H, W], got {_describe(frames)}")
+    pixels = _to_uint8(frames, "[3, F, H, W]", str(path))  # [F, H, W, 3]
+    rate = _as_fraction(fps, str(path))
+    _, height, width, _ = pixels.shape
+    seconds = Fraction(len(pixels)) / rate
+    audio = None if audio_from is None else _read_audio(Path(audio_from), seconds)
+    with atomic_file(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        video_stream = out.add_stream("libx264", rate=rate)
+        video_stream.width, video_stream.height = width, height
+        video_stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        video_stream.options = {"crf": str(crf)}
+        if audio is not None:
+            samples, sample_rate, layout = audio
+            audio_stream = out.add_stream("aac", rate=sample_rate)
+            audio_stream.layout = layout
+        for index, frame_pixels in enumerate(pixels):
+            frame = av.VideoFrame.from_ndarray(frame_pixels, format="rgb24")
+            frame.pts = index  # in units of 1/rate, the codec's time base
+            out.mux(video_stream.encode(frame))
+        out.mux(video_stream.encode())
+        if audio is not None:
+            for offset in range(0, samples.shape[1], 1024):  # AAC encodes 1024 samples per frame
+                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, offset:offset + 1024]),
+                                                   format="fltp", layout=layout)
+                chunk.sample_rate, chunk.pts = sample_rate, offset
+                out.mux(audio_stream.encode(chunk))
+            out.mux(audio_stream.encode())
+
+
+def _read_audio(path: Path, seconds: Fraction) -> tuple[np.ndarray, int, str] | None:
+    """The first audio stream of `path`, decoded to planar float32 [channels, samples] and cut to `seconds`,
+    with its sample rate and channel layout name; None when the file has no audio stream."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            layout = stream.layout.name
+            resampler = av.AudioResampler(format="fltp", layout=layout, rate=stream.rate)
+            chunks = [resampled.to_ndarray() for frame in container.decode(stream)
+                      for resampled in resampler.resample(frame)]
+            chunks += [resampled.to_ndarray() for resampled in resampler.resample(None)]
+    except (av.FFmpegError, OSError) as err:
+        raise ValueError(f"{path}: cannot read audio from this file ({err})") from None
+    if not chunks:
+        return None
+    samples = np.concatenate(chunks, axis=1)[:, :round(seconds * stream.rate)]
+    return samples.astype(np.float32), stream.rate, layout
+
+
+# ========================================================================================== degradations
+#
+# Each degradation is f(x, generator) -> float32 tensor of x's shape in [0, 1], for an image [3, H, W] or a video
+# [3, F, H, W]. Parameters are drawn once per call from the ranges in the docstrings, so every frame of a clip
+# gets the same degradation; per-pixel randomness (noise, rain drops) is fresh for every frame. Sizes are in
+# pixels of the tensor given, independent of its size. Random numbers are drawn on the generator's device.
+
+
+def _frames_of(x: Tensor) -> Tensor:
+    """Image [3, H, W] -> [1, 3, H, W]; video [3, F, H, W] -> [F, 3, H, W] (frames as a batch)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim not in (3, 4) or x.shape[0] != 3:
+        raise ValueError(f"expected an image [3, H, W] or a video [3, F, H, W] (float), got {_describe(x)}")
+    return x.float().unsqueeze(0) if x.ndim == 3 else x.float().transpose(0, 1)
+
+
+def _like(frames: Tensor, x: Tensor) -> Tensor:
+    """Inverse of `_frames_of`, clamped to [0, 1]."""
+    frames = frames.clamp(0, 1)
+    return frames.squeeze(0) if x.ndim == 3 else frames.transpose(0, 1).contiguous()
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator, device=generator.device).item()
+
+
+def _rand(generator: torch.Generator, *shape: int, like: Tensor) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device).to(like.device)
+
+
+def _randn(generator: torch.Generator, *shape: int, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device)
+
+
+def _gaussian_kernel(sigma: float) -> Tensor:
+    """Normalised 1-D Gaussian [2r + 1], r = ceil(3 sigma)."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _filter(x: Tensor, kernel: Tensor) -> Tensor:
+    """Filter every channel of x [N, C, H, W] with a 2-D kernel [kh, kw] (odd sizes), edges replicated."""
+    channels, (kh, kw) = x.shape[1], kernel.shape
+    x = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2), mode="replicate")
+    weight = kernel.to(x).expand(channels, 1, kh, kw)
+    return F.conv2d(x, weight, groups=channels)
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of x [N, C, H, W]: a row pass then a column pass."""
+    kernel = _gaussian_kernel(sigma)
+    return _filter(_filter(x, kernel[None, :]), kernel[:, None])
+
+
+def _line_kernel(length: float, angle: float) -> Tensor:
+    """A normalised 2-D kernel holding an anti-aliased line segment of `length` pixels through its centre at
+    `angle` degrees (counter-clockwise from the +x axis): the blur of a straight, uniform motion."""
+    size = 2 * math.ceil(length / 2) + 1
+    centre = size // 2
+    t = torch.linspace(-length / 2, length / 2, 8 * size)
+    cols = centre + t * math.cos(math.radians(angle))
+    rows = centre - t * math.sin(math.radians(angle))  # image rows grow downwards
+    kernel = torch.zeros(size + 1, size + 1)
+    r0, c0 = rows.floor().long(), cols.floor().long()
+    fr, fc = rows - r0, cols - c0
+    for dr, dc, weight in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+        kernel.index_put_((r0 + dr, c0 + dc), weight, accumulate=True)  # bilinear splat of the line's points
+    kernel = kernel[:size, :size]
+    return kernel / kernel.sum()
+
+
+def _smooth_field(generator: torch.Generator, height: int, width: int, cells: int, like: Tensor) -> Tensor:
+    """A smooth random field [1, 1, H, W] in [0, 1]: a cells x cells Gaussian grid, bilinearly upsampled."""
+    grid = _randn(generator, 1, 1, cells, cells, like=like)
+    field = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=True)
+    return (field - field.min()) / (field.max() - field.min())
+
+
+def gaussian_noise(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Additive white Gaussian noise, sigma ~ U[15/255, 50/255] (the usual denoising levels 15..50)."""
+    frames = _frames_of(x)
+    sigma = _uniform(generator, 15 / 255, 50 / 255)
+    return _like(frames + sigma * _randn(generator, *frames.shape, like=frames), x)
+
+
+def gaussian_blur(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Isotropic Gaussian blur, sigma ~ U[1, 3] pixels (separable, edges replicated)."""
+    frames = _frames_of(x)
+    return _like(_gaussian_blur(frames, _uniform(generator, 1.0, 3.0)), x)
+
+
+def motion_blur(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Linear motion blur: a line kernel of length ~ U[7, 25] pixels at angle ~ U[0, 180) degrees."""
+    frames = _frames_of(x)
+    length, angle = _uniform(generator, 7, 25), _uniform(generator, 0, 180)
+    return _like(_filter(frames, _line_kernel(length, angle)), x)
+
+
+def haze(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Atmospheric scattering I = J t + A (1 - t), t = exp(-beta d).
+
+    Depth proxy d in [0, 1]: 0.6 * a vertical ramp (far = 1 at the top row, near = 0 at the bottom, like a
+    landscape) + 0.4 * a smooth random field (4 x 4 grid, bilinear), rescaled to [0, 1]. beta ~ U[1, 2.5]
+    (transmission down to exp(-2.5) = 0.08 at the farthest point); airlight A ~ U[0.75, 0.95], gray with a
+    per-channel tint ~ U[-0.03, 0.03]. A video shares one depth map (a static scene).
+    """
+    frames = _frames_of(x)
+    height, width = frames.shape[-2:]
+    beta = _uniform(generator, 1.0, 2.5)
+    airlight = _uniform(generator, 0.75, 0.95) + (_rand(generator, 3, like=frames) * 0.06 - 0.03)
+    ramp = torch.linspace(1, 0, height, device=frames.device)[:, None].expand(height, width)
+    depth = 0.6 * ramp + 0.4 * _smooth_field(generator, height, width, 4, like=frames)
+    depth = (depth - depth.min()) / (depth.max() - depth.min())
+    transmission = torch.exp(-beta * depth)
+    return _like(frames * transmission + airlight[:, None, None] * (1 - transmission), x)
+
+
+def rain(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Rain streaks: sparse drops smeared along one slanted direction into thin bright lines, screen-blended.
+
+    Per clip: drop density ~ U[0.002, 0.008] per pixel, streak length ~ U[10, 30] pixels, slant ~ U[-25, 25]
+    degrees from vertical, brightness ~ U[0.6, 0.9]; each drop has intensity ~ U[0.5, 1]. Drop positions are
+    redrawn for every frame of a video (real rain falls farther than a streak's length between frames).
+    Composite: I = 1 - (1 - J)(1 - R).
+    """
+    frames = _frames_of(x)
+    count, _, height, width = frames.shape
+    density, length = _uniform(generator, 0.002, 0.008), _uniform(generator, 10, 30)
+    slant, brightness = _uniform(generator, -25, 25), _uniform(generator, 0.6, 0.9)
+    drops = (_rand(generator, count, 1, height, width, like=frames) < density).float()
+    drops = drops * (0.5 + 0.5 * _rand(generator, count, 1, height, width, like=frames))
+    kernel = _line_kernel(length, 90 + slant)
+    streaks = _filter(drops, kernel / kernel.max())  # each pixel of a streak ~ its drop's intensity
+    streaks = (brightness * _gaussian_blur(streaks, 0.5)).clamp(0, 1)  # soften to ~1-2 pixel width
+    return _like(1 - (1 - frames) * (1 - streaks), x)
+
+
+def lowlight(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Low light: y = s * x ** gamma plus sensor noise with variance a * y + b ** 2 (shot + read noise).
+
+    gamma ~ U[1.5, 2.5], s ~ U[0.15, 0.4], a ~ U[5e-4, 5e-3], b ~ U[0.005, 0.02].
+    """
+    frames = _frames_of(x)
+    gamma, scale = _uniform(generator, 1.5, 2.5), _uniform(generator, 0.15, 0.4)
+    shot, read = _uniform(generator, 5e-4, 5e-3), _uniform(generator, 0.005, 0.02)
+    dark = scale * frames.clamp(0, 1) ** gamma
+    noise = torch.sqrt(shot * dark + read ** 2) * _randn(generator, *frames.shape, like=frames)
+    return _like(dark + noise, x)
+
+
+def snow(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Snow: a whitish veil plus soft bright flakes in three layers of growing size.
+
+    Per clip: veil strength v ~ U[0.05, 0.2] towards white 0.9; layer k in (0, 1, 2) has flake radius
+    (Gaussian sigma) (0.7, 1.4, 2.5)[k] * U[0.8, 1.2] pixels and density U[0.002, 0.006] / 2**k per pixel,
+    each flake with opacity ~ U[0.6, 1]. In a video the flakes of a layer keep their places and drift down by
+    (k + 1) * U[0.5, 1.5] pixels and sideways by U[-0.5, 0.5] pixels per frame (wrapping at the borders):
+    bigger flakes are nearer and move faster.
+    Composite: I = (J (1 - v) + 0.9 v)(1 - m) + m, m = the flake opacity map.
+    """
+    frames = _frames_of(x)
+    count, _, height, width = frames.shape
+    veil = _uniform(generator, 0.05, 0.2)
+    base_density = _uniform(generator, 0.002, 0.006)
+    mask = torch.zeros(count, 1, height, width, device=frames.device)
+    for layer, base_sigma in enumerate((0.7, 1.4, 2.5)):
+        sigma = base_sigma * _uniform(generator, 0.8, 1.2)
+        fall, drift = (layer + 1) * _uniform(generator, 0.5, 1.5), _uniform(generator, -0.5, 0.5)
+        flakes = (_rand(generator, 1, 1, height, width, like=frames) < base_density / 2 ** layer).float()
+        flakes = flakes * (0.6 + 0.4 * _rand(generator, 1, 1, height, width, like=frames))
+        moved = torch.cat([flakes.roll((round(fall * f), round(drift * f)), dims=(2, 3)) for f in range(count)])
+        peak = _gaussian_kernel(sigma).max() ** 2  # a single blurred flake then peaks at its opacity
+        mask = torch.maximum(mask, (_gaussian_blur(moved, sigma) / peak).clamp(0, 1))
+    veiled = frames * (1 - veil) + 0.9 * veil
+    return _like(veiled * (1 - mask) + mask, x)
+
+
+def jpeg(x: Tensor, generator: torch.Generator) -> Tensor:
+    """JPEG compression artefacts: quality ~ integer U{10, ..., 40}, through Pillow in memory, frame by frame
+    (one quality for a whole clip). Pixels are rounded to 8 bits first."""
+    frames = _frames_of(x)
+    quality = int(torch.randint(10, 41, (), generator=generator, device=generator.device))
+    out = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        pixels = frame.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(buffer).convert("RGB"))
+        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1).float().div(255))
+    return _like(torch.stack(out).to(frames.device), x)
+
+
+DEGRADATIONS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
+    "noise": gaussian_noise,
+    "blur": gaussian_blur,
+    "motion-blur": motion_blur,
+    "haze": haze,
+    "rain": rain,
+    "lowlight": lowlight,
+    "snow": snow,
+    "jpeg": jpeg,
+}
+
+# ============================================================================================== datasets
+#
+# A dataset yields (clean, degraded) pairs at the training size: images [3, h, w], videos [3, frames, h, w].
+# `pair(index, generator)` draws, in this order, the clip's start frame (videos), the crop's top-left corner,
+# and (Synthetic only) the degradation's parameters, all from `generator`. Nothing is ever resized: a source
+# smaller than the crop raises ValueError. `size=None` returns whole images/frames (e.g. for evaluation).
+
+
+def _check_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height < 1 or width < 1:
+        raise ValueError(f"crop size must be positive, got {size}")
+    return height, width
+
+
+def _check_frames(frames: int | None) -> int | None:
+    if frames is not None and (frames < 1 or frames % 4 != 1):
+        raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 33, ...) for the video VAE, got {frames}")
+    return frames
+
+
+def _random_int(generator: torch.Generator, high: int) -> int:
+    """Uniform integer in [0, high]."""
+    return int(torch.randint(0, high + 1, (), generator=generator, device=generator.device))
+
+
+def _crop(tensors: Sequence[Tensor], size: tuple[int, int] | None, generator: torch.Generator,
+          names: Sequence[str]) -> list[Tensor]:
+    """One random crop [.., h, w] at the same place in each tensor [..., H, W]; they must have one size."""
+    height, width = tensors[0].shape[-2:]
+    for tensor, name in zip(tensors, names):
+        if tensor.shape[-2:] != tensors[0].shape[-2:]:
+            raise ValueError(f"pair of different sizes: {names[0]} is {_hw(tensors[0])} but {name} is "
+                             f"{_hw(tensor)}")
+    if size is None:
+        return list(tensors)
+    if height < size[0] or width < size[1]:
+        raise ValueError(f"{names[0]}: {_hw(tensors[0])} is smaller than the crop {size[0]}x{size[1]} (HxW); "
+                         f"use a smaller size or larger sources (nothing is resized)")
+    top, left = _random_int(generator, height - size[0]), _random_int(generator, width - size[1])
+    return [tensor[..., top:top + size[0], left:left + size[1]].contiguous() for tensor in tensors]
+
+
+def _clip_length(source: Path | list[Path]) -> int:
+    return len(source) if isinstance(source, list) else video_length(source)
+
+
+def _random_start(lengths: Sequence[int], frames: int, generator: torch.Generator, names: Sequence[str]) -> int:
+    """A random first frame for a `frames`-long clip taken at the same place from videos of equal length."""
+    for length, name in zip(lengths, names):
+        if length != lengths[0]:
+            raise ValueError(f"pair of different lengths: {names[0]} has {lengths[0]} frames but {name} has {length}")
+    if lengths[0] < frames:
+        raise ValueError(f"{names[0]}: {lengths[0]} frames, shorter than the clip of {frames} frames")
+    return _random_int(generator, lengths[0] - frames)
+
+
+def _describe_source(source: Path | list[Path]) -> str:
+    return f"frames {source[0]} ... ({len(source)} files)" if isinstance(source, list) else str(source)
+
+
+def _read_pair(clean: Path | list[Path], degraded: Path | list[Path], size: tuple[int, int] | None,
+               frames: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Read a (clean, degraded) pair of images (frames None) or video clips and crop both at one place."""
+    names = [_describe_source(clean), _describe_source(degraded)]
+    if frames is None:
+        clean_image, degraded_image = _crop([read_image(clean), read_image(degraded)], size, generator, names)
+        return clean_image, degraded_image
+    start = _random_start([_clip_length(clean), _clip_length(degraded)], frames, generator, names)
+    clips = [read_clip(clean, start, frames), read_clip(degraded, start, frames)]
+    clean_clip, degraded_clip = _crop(clips, size, generator, names)
+    return clean_clip, degraded_clip
+
+
+def _check_index(index: int, length: int) -> None:
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a dataset of {length} pairs")
+
+
+class PairedFolders:
+    """Pairs stored as `root/degraded/NAME` and `root/clean/NAME`.
+
+    Images (frames None): image files, paired by file name without its suffix (so a degraded `0001.jpg` pairs
+    with a clean `0001.png`). Videos (frames = 4k+1): video files paired by name without suffix, or frame
+    sub-folders paired by folder name. Unpaired names raise ValueError listing a few of them.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int | tuple[int, int] | None, frames: int | None = None):
+        root = Path(root)
+        self.size, self.frames = _check_size(size), _check_frames(frames)
+        lister = list_images if frames is None else list_videos
+        degraded, clean = (self._by_name(lister(root / side)) for side in ("degraded", "clean"))
+        only_degraded, only_clean = sorted(degraded.keys() - clean.keys()), sorted(clean.keys() - degraded.keys())
+        if only_degraded or only_clean:
+            raise ValueError(f"{root}: unpaired files: in degraded/ only {only_degraded[:5]} "
+                             f"({len(only_degraded)} in all), in clean/ only {only_clean[:5]} ({len(only_clean)})")
+        self.pairs = [(clean[name], degraded[name]) for name in sorted(clean)]  # (clean, degraded) paths
+
+    @staticmethod
+    def _by_name(paths: list[Path]) -> dict[str, Path]:
+        named: dict[str, Path] = {}
+        for path in paths:
+            name = path.name if path.is_dir() else path.stem
+            if name in named:
+                raise ValueError(f"{path.parent}: two files named {name!r}: {named[name].name}, {path.name}")
+            named[name] = path
+        return named
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def pair(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(clean, degraded) crops: [3, h, w] each, or [3, frames, h, w] for videos."""
+        _check_index(index, len(self))
+        clean, degraded = self.pairs[index]
+        return _read_pair(clean, degraded, self.size, self.frames, generator)
+
+
+@dataclass
+class ManifestItem:
+    """One manifest entry: paths (a list of frame paths for video), degradation and dataset names."""
+
+    degraded: Path | list[Path]
+    clean: Path | list[Path]
+    degradation: str
+    dataset: str
+
+
+class Manifest:
+    """The paper authors' JSON manifests: a list of {"image_path", "target_path", "degradation", "dataset"}.
+
+    `image_path` is the degraded input, `target_path` the clean target; for video (frames = 4k+1) both are
+    lists of frame image paths of equal length. Relative paths resolve against the manifest's folder.
+    `items[i].degradation` and `items[i].dataset` name each pair (evaluation groups by dataset).
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int | tuple[int, int] | None, frames: int | None = None):
+        path = Path(path)
+        self.size, self.frames = _check_size(size), _check_frames(frames)
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read this JSON manifest ({err})") from None
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{path}: a manifest must be a non-empty JSON list of entries")
+        self.items = [self._item(entry, i, path) for i, entry in enumerate(entries)]
+
+    def _item(self, entry: object, i: int, path: Path) -> ManifestItem:
+        keys = ("image_path", "target_path", "degradation", "dataset")
+        if not isinstance(entry, dict) or any(key not in entry for key in keys):
+            raise ValueError(f"{path}: entry {i} must be an object with keys {list(keys)}, got {entry!r:.200}")
+        folder = path.parent
+        if self.frames is None:
+            if not all(isinstance(entry[key], str) for key in keys[:2]):
+                raise ValueError(f"{path}: entry {i}: image manifests need one path per image_path/target_path "
+                                 f"(lists of frames are video: pass frames=...)")
+            degraded, clean = folder / entry["image_path"], folder / entry["target_path"]
+        else:
+            if not all(isinstance(entry[key], list) and entry[key] for key in keys[:2]):
+                raise ValueError(f"{path}: entry {i}: video manifests need lists of frame paths in "
+                                 f"image_path/target_path")
+            degraded = [folder / p for p in entry["image_path"]]
+            clean = [folder / p for p in entry["target_path"]]
+        return ManifestItem(degraded, clean, str(entry["degradation"]), str(entry["dataset"]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pair(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(clean, degraded) crops: [3, h, w] each, or [3, frames, h, w] for videos."""
+        _check_index(index, len(self))
+        item = self.items[index]
+        return _read_pair(item.clean, item.degraded, self.size, self.frames, generator)
+
+
+class Synthetic:
+    """Clean images or videos degraded on the fly by `DEGRADATIONS[degradation]`.
+
+    `sources`: a folder (its images; for video, its video files and frame sub-folders), or a list whose
+    elements are paths (image files; for video, video files or frame folders) or tensors ([3, H, W]; for video
+    [3, F, H, W]). The clean source is cropped first (start frame, then corner), then degraded with the same
+    generator, so the pair is a pure function of (index, generator state).
+    """
+
+    def __init__(
+        self,
+        sources: str | os.PathLike | Sequence[str | os.PathLike | Tensor],
+        degradation: str,
+        size: int | tuple[int, int] | None,
+        frames: int | None = None,
+    ):
+        if degradation not in DEGRADATIONS:
+            raise ValueError(f"unknown degradation {degradation!r}; choose from {sorted(DEGRADATIONS)}")
+        self.degrade = DEGRADATIONS[degradation]
+        self.size, self.frames = _check_size(size), _check_frames(frames)
+        if isinstance(sources, (str, os.PathLike)):
+            sources = list_images(sources) if frames is None else list_videos(sources)
+        if not sources:
+            raise ValueError("Synthetic needs at least one clean source")
+        self.sources = [self._source(s) for s in sources]
+
+    def _source(self, source: str | os.PathLike | Tensor) -> Path | Tensor:
+        if not isinstance(source, Tensor):
+            return Path(source)
+        ndim, shape = (3, "[3, H, W]") if self.frames is None else (4, "[3, F, H, W]")
+        if not source.is_floating_point() or source.ndim != ndim or source.shape[0] != 3:
+            raise ValueError(f"Synthetic sources: expected float tensors {shape}, got {_describe(source)}")
+        return source
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def pair(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(clean, degraded): [3, h, w] each, or [3, frames, h, w] for videos."""
+        _check_index(index, len(self))
+        clean = self._clean(self.sources[index], generator)
+        return clean, self.degrade(clean, generator)
+
+    def _clean(self, source: Path | Tensor, generator: torch.Generator) -> Tensor:
+        name = f"source tensor {_describe(source)}" if isinstance(source, Tensor) else str(source)
+        if self.frames is None:
+            image = source if isinstance(source, Tensor) else read_image(source)
+            return _crop([image], self.size, generator, [name])[0]
+        if isinstance(source, Tensor):
+            start = _random_start([source.shape[1]], self.frames, generator, [name])
+            clip = source[:, start:start + self.frames]
+        else:
+            start = _random_start([video_length(source)], self.frames, generator, [name])
+            clip = read_clip(source, start, self.frames)
+        return _crop([clip], self.size, generator, [name])[0]
