@@ -20,7 +20,9 @@ from model.t5 import T5Config, T5Encoder, UMT5Encoder, fold_tied_embedding, rela
 from weights import CheckpointError, build
 
 # L = 20 tokens with max_distance 12 and 8 buckets: exact, logarithmic and clipped buckets all occur.
-TINY_T5 = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=3, num_buckets=8, max_distance=12)
+TINY_T5 = T5Config(
+    vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=3, num_buckets=8, max_distance=12
+)
 TINY_UMT5 = T5Config(**{**TINY_T5.__dict__, "bias_in_every_layer": True})
 TINY_CLIP = CLIPTextConfig(vocab_size=100, width=32, num_layers=3, num_heads=4, mlp_dim=64, max_positions=16)
 TOLERANCE = 1e-5
@@ -159,7 +161,8 @@ def test_clip_matches_transformers(length):
         with torch.no_grad():
             expected = reference(input_ids=ids)
         errors = max_abs(hidden, expected.last_hidden_state), max_abs(pooled, expected.pooler_output)
-        print(f"CLIPTextEncoder(L={length}, eos_token_id={eos_token_id}) max-abs hidden {errors[0]:.2e} pooled {errors[1]:.2e}")
+        name = f"CLIPTextEncoder(L={length}, eos_token_id={eos_token_id})"
+        print(f"{name} max-abs {errors[0]:.2e}, pooled {errors[1]:.2e}")
         assert max(errors) <= TOLERANCE
     assert torch.equal(hidden_embeds, hidden) and torch.equal(pooled_embeds, pooled)
 
@@ -241,12 +244,13 @@ def test_drop_position_ids():
     state = randomize_(CLIPTextEncoder(TINY_CLIP), seed=3).state_dict()
     position_ids = torch.arange(TINY_CLIP.max_positions)[None]
     assert drop_position_ids(state) is state
-    model = build(CLIPTextEncoder, TINY_CLIP, drop_position_ids({**state, "text_model.embeddings.position_ids": position_ids}))
+    legacy = {**state, "text_model.embeddings.position_ids": position_ids}
+    model = build(CLIPTextEncoder, TINY_CLIP, drop_position_ids(legacy))
     assert torch.equal(model.text_model.final_layer_norm.weight, state["text_model.final_layer_norm.weight"])
     with pytest.raises(CheckpointError, match="position_ids"):
         drop_position_ids({**state, "text_model.embeddings.position_ids": position_ids.flip(-1)})
     with pytest.raises(CheckpointError, match="unexpected"):  # without dropping, strict loading names the key
-        build(CLIPTextEncoder, TINY_CLIP, {**state, "text_model.embeddings.position_ids": position_ids})
+        build(CLIPTextEncoder, TINY_CLIP, legacy)
 
 
 # ---------------------------------------------------------------------------------------------- official key sets
