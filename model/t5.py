@@ -71,9 +71,9 @@ class RMSNorm(nn.Module):
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.Tensor:
     """Bucket index [L, L] of every (query i, key j) pair, from the distance j - i (bidirectional, as in encoders).
 
-    Keys before the query use buckets [0, num_buckets/2), keys after it the upper half. Within a half, the first
-    quarter of the buckets holds the exact distances 0, 1, 2, ...; the rest cover larger distances in logarithmic
-    steps up to `max_distance`, beyond which everything falls into the last bucket.
+    Keys before the query use buckets [0, num_buckets/2), keys after it the upper half. The first half of each half
+    holds the exact distances 0, 1, 2, ...; its other buckets cover larger distances in logarithmic steps up to
+    `max_distance`, beyond which everything falls into its last bucket.
     """
     position = torch.arange(length, device=device)
     distance = position[None, :] - position[:, None]  # key - query
