@@ -772,3 +772,36 @@ class Synthetic:
             start = _random_start([video_length(source)], self.frames, generator, [name])
             clip = read_clip(source, start, self.frames)
         return _crop([clip], self.size, generator, [name])[0]
+
+
+# ---------------------------------------------------------------------------------------------- toy data
+
+
+def toy_images(count: int, height: int, width: int, seed: int = 0) -> list[Tensor]:
+    """`count` procedural clean images [3, H, W] for the tiny preset: smooth colour fields with a few sharp-edged
+    discs and bars on top, so that noise, blur and the rest visibly degrade them. Deterministic in `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    like = torch.empty(0)
+    images = []
+    rows = torch.linspace(0, 1, height)[:, None]
+    cols = torch.linspace(0, 1, width)[None, :]
+    for _ in range(count):
+        image = torch.cat([_smooth_field(generator, height, width, 3, like)[0] for _ in range(3)])
+        for _ in range(4):
+            colour = _rand(generator, 3, 1, 1, like=like)
+            r, c, radius = (_uniform(generator, 0.1, 0.9) for _ in range(3))
+            if _uniform(generator, 0, 1) < 0.5:
+                mask = (rows - r) ** 2 + (cols - c) ** 2 < (0.25 * radius) ** 2
+            else:
+                mask = ((rows - r).abs() < 0.05 * radius + 0.02) & ((cols - c).abs() < 0.4 * radius)
+            image = torch.where(mask, colour, image)
+        images.append(image.clamp(0, 1))
+    return images
+
+
+def toy_videos(count: int, frames: int, height: int, width: int, seed: int = 0) -> list[Tensor]:
+    """`count` procedural clean videos [3, F, H, W]: a wider toy image, panned one pixel per frame."""
+    videos = []
+    for image in toy_images(count, height, width + frames, seed):
+        videos.append(torch.stack([image[:, :, f : f + width] for f in range(frames)], dim=1))
+    return videos

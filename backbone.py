@@ -1,0 +1,222 @@
+"""A frozen, pre-trained backbone made ready for the method: DiT + VAE + the cached empty-prompt conditioning.
+
+    bb = load_flux("FLUX.1-dev/")  |  load_wan("Wan2.1-T2V-1.3B/")  |  tiny("flux" | "wan")
+    latent = bb.encode(pixels)                        # [B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan), in [-1, 1]
+    v = bb.velocity(x_t, t, prompt)                   # what bridge.py calls; prompt from prompts.py or None
+    pixels = bb.decode(latent)
+
+The two backbones differ only here: FLUX works on packed 2x2 patch tokens with a pooled CLIP vector and a
+guidance input; Wan works on the latent video directly with a UMT5 context. Everything the method does
+(bridge.py, prompts.py, train.py, sample.py) sees a latent tensor and a velocity function.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import prompts
+import text
+import weights
+from model import flux as flux_model
+from model import wan as wan_model
+from model import wan_vae
+from model.autoencoder import CONFIGS as AE_CONFIGS
+from model.autoencoder import AutoEncoder, AutoEncoderParams
+from model.wan_vae import WanVAE, WanVAEConfig
+
+
+@dataclass
+class Backbone:
+    kind: str  # "flux" or "wan"
+    config: str  # the DiT config's name, e.g. "flux-dev"; recorded in prompt files
+    dit: nn.Module  # Flux or WanModel, frozen
+    vae: nn.Module  # AutoEncoder or WanVAE, frozen, float32 by default
+    txt: Tensor  # [1, L, text_width] the text encoder's output for the empty prompt "" (T5 or UMT5)
+    pooled: Tensor | None = None  # [1, 768] FLUX only: pooled CLIP vector of ""
+    guidance: float = 1.0  # FLUX.1-dev's guidance input (the authors use 1.0)
+
+    def __post_init__(self):
+        for module in (self.dit, self.vae):
+            module.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------ facts prompts need
+
+    @property
+    def num_blocks(self) -> int:
+        return self.dit.num_blocks if self.kind == "flux" else self.dit.config.num_layers
+
+    @property
+    def width(self) -> int:
+        """The DiT's hidden width D (the deep prompt's width)."""
+        return self.dit.params.hidden_size if self.kind == "flux" else self.dit.config.dim
+
+    @property
+    def text_width(self) -> int:
+        return self.txt.shape[-1]
+
+    @property
+    def pooled_width(self) -> int:
+        return 0 if self.pooled is None else self.pooled.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def new_prompt(self, site: str, length: int) -> nn.Module:
+        """A freshly initialised prompt (prompts.py) of `length` tokens that fits this backbone."""
+        return prompts.new_prompt(site, length, self.num_blocks, self.width, self.text_width, self.pooled_width)
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        self.dit.to(device)
+        self.vae.to(device)
+        self.txt = self.txt.to(device)
+        self.pooled = None if self.pooled is None else self.pooled.to(device)
+        return self
+
+    # ------------------------------------------------------------------ pixels <-> latents
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """[B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [-1, 1] -> float32 latent [B, 16, ...]."""
+        self.check_pixels(pixels)
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(pixels.to(self.device, vae_dtype)).float()
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        """Inverse of `encode`: float32 pixels in [-1, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latent.to(self.device, vae_dtype)).float().clamp(-1, 1)
+
+    def check_pixels(self, pixels: Tensor) -> None:
+        """One clear error for an input the DiT cannot take (sizes must be multiples of 16; Wan: 4k+1 frames)."""
+        ndim = 4 if self.kind == "flux" else 5
+        layout = "[B, 3, H, W]" if self.kind == "flux" else "[B, 3, F, H, W]"
+        if pixels.ndim != ndim or pixels.shape[1] != 3:
+            raise ValueError(f"{self.kind} expects RGB pixels {layout}, got shape {list(pixels.shape)}")
+        height, width = pixels.shape[-2:]
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16 for {self.kind}, got {height}x{width}")
+        if self.kind == "wan" and (pixels.shape[2] - 1) % 4:
+            raise ValueError(f"Wan needs 4k+1 frames (1, 5, 9, ..., 33, ...), got {pixels.shape[2]}")
+
+    # ------------------------------------------------------------------ the velocity
+
+    def velocity(self, x: Tensor, t: Tensor, prompt: nn.Module | None = None) -> Tensor:
+        """Velocity of the latent x [B, 16, H, W] (FLUX) or [B, 16, F, H, W] (Wan) at flow time t [B], float32.
+
+        The DiT runs in its own dtype; x and the result are float32 (the bridge's arithmetic stays float32).
+        `prompt` (a prompts.DeepPrompt / TextPrompt, or None for the plain pre-trained model) turns the cached
+        empty-prompt conditioning into the DiT's conditioning arguments.
+        """
+        batch = x.shape[0]
+        txt = self.txt.expand(batch, -1, -1)
+        if self.kind == "flux":
+            pooled = self.pooled.expand(batch, -1)
+            cond = prompt.flux_inputs(txt, pooled) if prompt is not None else {"txt": txt, "y": pooled}
+            height, width = x.shape[-2:]
+            guidance = torch.full((batch,), self.guidance, device=x.device) if self.dit.params.guidance_embed else None
+            v = self.dit(
+                img=flux_model.pack(x.to(self.dtype)),
+                img_ids=flux_model.image_ids(batch, height, width, x.device),
+                txt_ids=flux_model.text_ids(batch, txt.shape[1], x.device),
+                timesteps=t.float(),
+                guidance=guidance,
+                **cond,
+            )
+            return flux_model.unpack(v, height, width).float()
+        cond = prompt.wan_inputs(txt) if prompt is not None else {"context": txt}
+        return self.dit(x.to(self.dtype), t.float(), **cond).float()
+
+
+# ---------------------------------------------------------------------------------------------- official snapshots
+
+
+def load_flux(
+    snapshot: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    text_cache: str | os.PathLike | None = None,
+) -> Backbone:
+    """FLUX.1-dev or -schnell from an official snapshot folder (which one: by the transformer file present).
+
+    The text encoders run first, once, for the empty prompt (their output is cached on disk in `text_cache`), and
+    are freed before the 12B transformer is loaded. The autoencoder stays float32 (as in the paper).
+    """
+    snapshot = Path(snapshot)
+    path = weights.find_file(snapshot, flux_model.CHECKPOINT_NAMES.values())
+    config = next(name for name, file in flux_model.CHECKPOINT_NAMES.items() if file == path.name)
+    text_len = 512 if config == "flux-dev" else 256
+    txt, pooled = text.flux_text([""], snapshot, text_len, device=device, dtype=dtype, cache_dir=text_cache)
+    dit = weights.build(flux_model.Flux, flux_model.CONFIGS[config], path, dtype=dtype, device=device)
+    vae = weights.build(AutoEncoder, AE_CONFIGS["flux"], weights.find_file(snapshot, ["ae.safetensors"]),
+                        dtype=torch.float32, device=device)
+    return Backbone("flux", config, dit, vae, txt, pooled)
+
+
+def load_wan(
+    snapshot: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    text_cache: str | os.PathLike | None = None,
+    config: str = "wan2.1-t2v-1.3b",
+    context_len: int = 226,
+) -> Backbone:
+    """Wan2.1-T2V from an official snapshot folder. `context_len`: the empty prompt's UMT5 states are zero-padded
+    to this many tokens; 226 is what the paper's authors used (and what their released prompts expect), the
+    official Wan pipeline pads to 512. The UMT5 encoder runs once and is freed; the VAE stays float32."""
+    snapshot = Path(snapshot)
+    txt = text.wan_text([""], snapshot, context_len, device=device, dtype=dtype, cache_dir=text_cache)
+    path = weights.find_file(snapshot, ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"])
+    dit = weights.build(wan_model.WanModel, wan_model.CONFIGS[config], path, dtype=dtype, device=device)
+    vae = weights.build(WanVAE, wan_vae.CONFIGS["wan2.1"], weights.find_file(snapshot, wan_vae.CHECKPOINT_NAMES.values()),
+                        dtype=torch.float32, device=device)
+    return Backbone("wan", config, dit, vae, txt)
+
+
+# ---------------------------------------------------------------------------------------------- tiny presets
+
+# Tiny random configs of both backbones (same code paths, real VAE structure: 8x down in space, 4x in time) so
+# that the whole method runs on a CPU in seconds. Used by `--preset tiny` in train.py / sample.py and the tests.
+TINY_FLUX = flux_model.FluxParams(
+    in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=64, mlp_ratio=2.0, num_heads=4,
+    depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10_000, qkv_bias=True, guidance_embed=True,
+)
+TINY_AE = AutoEncoderParams(
+    resolution=32, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=16,
+    scale_factor=0.3611, shift_factor=0.1159,
+)
+TINY_WAN = wan_model.WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=64)
+TINY_WAN_VAE = WanVAEConfig(dim=8)
+TINY_TEXT_LEN = {"flux": 16, "wan": 16}
+
+
+def tiny(kind: str, seed: int = 0) -> Backbone:
+    """A tiny random backbone of `kind` ("flux" or "wan"), deterministic in `seed`, float32 on the CPU.
+
+    Its "empty-prompt conditioning" is a fixed random tensor: there is no text encoder at this size.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # module initialisers draw from the global generator
+    try:
+        if kind == "flux":
+            dit, vae = flux_model.Flux(TINY_FLUX), AutoEncoder(TINY_AE)
+            txt = torch.randn(1, TINY_TEXT_LEN["flux"], TINY_FLUX.context_in_dim, generator=generator)
+            pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=generator)
+            return Backbone("flux", "tiny-flux", dit, vae, txt, pooled)
+        if kind == "wan":
+            dit, vae = wan_model.WanModel(TINY_WAN), WanVAE(TINY_WAN_VAE)
+            txt = torch.randn(1, TINY_TEXT_LEN["wan"], TINY_WAN.text_dim, generator=generator)
+            return Backbone("wan", "tiny-wan", dit, vae, txt)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    raise ValueError(f"unknown backbone {kind!r}; choose 'flux' or 'wan'")
+

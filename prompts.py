@@ -1,0 +1,174 @@
+"""Learned prompts: the only parameters the method trains; the pre-trained backbone stays frozen.
+
+A prompt turns the backbone's base conditioning — the text encoders' output for the empty prompt "" — into the
+keyword arguments of the DiT's forward. Two sites:
+
+  DeepPrompt  (the authors' released form) one shared bank P [1, K, D] at the DiT's width plus one gate alpha_i
+              per block, initialised to 0 so that the untrained model is exactly the pre-trained one.
+                FLUX: block i adds alpha_i * P to the text tokens entering its attention (`Flux.txt_attn_terms`).
+                Wan:  block i's cross-attention becomes attn(x, ctx) + alpha_i * attn(x, ctx + P).
+  TextPrompt  (the abstract's form) a learned offset [1, K, 4096] on the T5/UMT5 output tokens, and for FLUX a
+              learned offset [1, 768] on the pooled CLIP vector; initialised to 0 for the same reason.
+
+Prompt files are safetensors with metadata (backbone, config, site, K, the bridge's T0, training arguments).
+The paper authors' released `wan_*.pt` files import into this format bit-exactly (`import_authors_wan`).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import weights
+
+FORMAT = "ypt-prompt/1"
+SITES = ("deep", "text")
+
+
+def fit_length(p: Tensor, length: int) -> Tensor:
+    """Zero-pad or cut p [1, K, C] along the token axis to `length` tokens."""
+    k = p.shape[1]
+    return p[:, :length] if k >= length else F.pad(p, (0, 0, 0, length - k))
+
+
+class DeepPrompt(nn.Module):
+    """Shared prompt bank P [1, K, D] (init N(0, 0.02^2)) and per-block gates alpha [num_blocks] (init 0)."""
+
+    def __init__(self, num_blocks: int, length: int, width: int, init_std: float = 0.02):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(1, length, width) * init_std)
+        self.alphas = nn.Parameter(torch.zeros(num_blocks))
+
+    def flux_inputs(self, txt: Tensor, pooled: Tensor) -> dict:
+        """Forward arguments of `Flux`: the base txt [B, L, 4096] and pooled [B, 768] plus one term per block."""
+        p = fit_length(self.prompts, txt.shape[1])
+        terms = [(alpha * p).to(txt.dtype) for alpha in self.alphas]
+        return {"txt": txt, "y": pooled, "txt_attn_terms": terms}
+
+    def wan_inputs(self, context: Tensor) -> dict:
+        """Forward arguments of `WanModel`: the base context [B, L, 4096] plus (P, alpha_i) for every block."""
+        p = fit_length(self.prompts, context.shape[1])
+        return {"context": context, "cross_prompts": [(p, alpha) for alpha in self.alphas]}
+
+
+class TextPrompt(nn.Module):
+    """Learned offsets on the text encoders' output: tokens [1, K, width] (and pooled [1, pooled_width] for FLUX)."""
+
+    def __init__(self, length: int, width: int = 4096, pooled_width: int = 0):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.zeros(1, length, width))
+        self.pooled = nn.Parameter(torch.zeros(1, pooled_width)) if pooled_width else None
+
+    def flux_inputs(self, txt: Tensor, pooled: Tensor) -> dict:
+        return {
+            "txt": txt + fit_length(self.tokens, txt.shape[1]).to(txt.dtype),
+            "y": pooled + self.pooled.to(pooled.dtype),
+        }
+
+    def wan_inputs(self, context: Tensor) -> dict:
+        return {"context": context + fit_length(self.tokens, context.shape[1]).to(context.dtype)}
+
+
+def new_prompt(site: str, length: int, num_blocks: int, width: int, text_width: int, pooled_width: int) -> nn.Module:
+    """A freshly initialised prompt of K = `length` tokens for a DiT of `num_blocks` blocks of `width` whose text
+    conditioning is [*, L, text_width] (and a pooled vector of `pooled_width`, 0 for none). See Backbone.new_prompt.
+    """
+    if site == "deep":
+        return DeepPrompt(num_blocks, length, width)
+    if site == "text":
+        return TextPrompt(length, text_width, pooled_width)
+    raise ValueError(f"unknown prompt site {site!r}; choose one of {SITES}")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def save_prompt(prompt: nn.Module, path: str | os.PathLike, meta: dict) -> None:
+    """Write the prompt's tensors and `meta` (must name backbone, config, site) to a safetensors file atomically."""
+    missing = {"backbone", "config", "site"} - meta.keys()
+    if missing:
+        raise ValueError(f"prompt metadata lacks {sorted(missing)}")
+    weights.save_safetensors(prompt.state_dict(), path, metadata={"format": FORMAT, **meta})
+
+
+def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[nn.Module, dict]:
+    """Read a prompt file -> (prompt module, metadata). With `backbone` given, a file made for another backbone
+    is refused with a clear error. JSON-encoded metadata values are decoded."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a prompt file of this project (.safetensors); the authors' released .pt "
+                         "files convert with `python prompts.py import FILE.pt OUT.safetensors`")
+    raw = weights.read_metadata(path)
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a prompt file of this project (no '{FORMAT}' format tag)")
+    meta = {k: _decode(v) for k, v in raw.items()}
+    if backbone is not None and meta["backbone"] != backbone:
+        raise ValueError(f"{path}: this prompt was trained for {meta['backbone']} ({meta['config']}), not {backbone}")
+    state = weights.read_state_dict(path)
+    if meta["site"] == "deep":
+        prompt = DeepPrompt(state["alphas"].shape[0], state["prompts"].shape[1], state["prompts"].shape[2])
+    elif meta["site"] == "text":
+        pooled = state.get("pooled")
+        prompt = TextPrompt(state["tokens"].shape[1], state["tokens"].shape[2], 0 if pooled is None else pooled.shape[1])
+    else:
+        raise ValueError(f"{path}: unknown prompt site {meta['site']!r}")
+    weights.load_into(prompt, state)
+    return prompt, meta
+
+
+def _decode(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def import_authors_wan(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
+    """The paper authors' released Wan prompt (`wan_*.pt`: {"backend": "wan", "deep_prompt_bank": {"prompts":
+    [1, 226, 1536]}, "alphas": [30 scalar tensors]}) as a DeepPrompt, values bit-exact, read with weights_only=True.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        prompts = payload["deep_prompt_bank"]["prompts"]
+        alphas = torch.stack([a.reshape(()) for a in payload["alphas"]])
+    except Exception as err:
+        raise ValueError(f"{path}: not an authors' deep-prompt file ({type(err).__name__}: {err})") from None
+    if payload.get("backend") != "wan":
+        raise ValueError(f"{path}: backend {payload.get('backend')!r}, expected 'wan'")
+    prompt = DeepPrompt(alphas.shape[0], prompts.shape[1], prompts.shape[2])
+    weights.load_into(prompt, {"prompts": prompts, "alphas": alphas})
+    meta = {
+        "backbone": "wan", "config": "wan2.1-t2v-1.3b", "site": "deep", "length": prompts.shape[1],
+        "context_len": 226, "t0": 0.4, "t_min": 1e-4, "degradation": Path(path).stem.removeprefix("wan_"),
+        "source": f"imported from the authors' release {Path(path).name}",
+    }
+    return prompt, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Prompt files: convert the authors' release, show metadata.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("import", help="convert an authors' wan_*.pt into this project's format")
+    convert.add_argument("source", type=Path)
+    convert.add_argument("target", type=Path)
+    show = commands.add_parser("show", help="print a prompt file's metadata and tensor shapes")
+    show.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "import":
+        prompt, meta = import_authors_wan(args.source)
+        save_prompt(prompt, args.target, meta)
+        print(f"wrote {args.target}: {meta['site']} prompt for {meta['config']}, K={meta['length']}")
+    else:
+        prompt, meta = load_prompt(args.path)
+        for key, value in meta.items():
+            print(f"{key}: {value}")
+        for name, tensor in prompt.state_dict().items():
+            print(f"{name}: {list(tensor.shape)} {tensor.dtype}")
+
+
+if __name__ == "__main__":
+    main()
