@@ -10,6 +10,7 @@ guidance input; Wan works on the latent video directly with a UMT5 context. Ever
 (bridge.py, prompts.py, train.py, sample.py) sees a latent tensor and a velocity function.
 """
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import text
 import weights
 from model import flux as flux_model
 from model import wan as wan_model
+from model import clip as clip_model
+from model import t5 as t5_model
 from model import wan_vae
 from model.autoencoder import CONFIGS as AE_CONFIGS
 from model.autoencoder import AutoEncoder, AutoEncoderParams
@@ -179,6 +182,41 @@ def load_wan(
     vae = weights.build(WanVAE, wan_vae.CONFIGS["wan2.1"], weights.find_file(snapshot, wan_vae.CHECKPOINT_NAMES.values()),
                         dtype=torch.float32, device=device)
     return Backbone("wan", config, dit, vae, txt)
+
+
+def load(kind: str, folder: str | os.PathLike, dtype: torch.dtype, device, text_cache=None) -> Backbone:
+    """The backbone in `folder`: the project's miniature (a `miniature.json` inside) or an official snapshot."""
+    folder = Path(folder)
+    if (folder / MINIATURE_FILE).is_file():
+        if kind != "flux":
+            raise ValueError(f"{folder} holds the miniature, a FLUX-architecture image model: use --backbone flux")
+        return load_miniature(folder, dtype, device)
+    if kind == "flux":
+        return load_flux(folder, dtype, device, text_cache)
+    return load_wan(folder, dtype, device, text_cache)
+
+
+MINIATURE_FILE = "miniature.json"
+
+
+def load_miniature(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> Backbone:
+    """The project's own small pre-trained FLUX-architecture model (see mini/): the same code as FLUX.1, small
+    configs, official key format. `miniature.json` holds the configs of the four networks it ships: `flux`,
+    `autoencoder`, `t5` and `clip` (tiny frozen text encoders whose output for the empty prompt is the
+    conditioning the transformer was pre-trained with), and `text_len`, the T5 sequence length."""
+    folder = Path(folder)
+    spec = json.loads((folder / MINIATURE_FILE).read_text())
+    t5 = weights.build(t5_model.T5Encoder, t5_model.T5Config(**spec["t5"]), folder / "t5.safetensors", device=device)
+    clip = weights.build(clip_model.CLIPTextEncoder, clip_model.CLIPTextConfig(**spec["clip"]),
+                         folder / "clip.safetensors", device=device)
+    with torch.no_grad():
+        txt = t5(text.empty_t5_ids(spec["text_len"]).to(device))
+        _, pooled = clip(text.empty_clip_ids(clip.config).to(device))
+    dit = weights.build(flux_model.Flux, flux_model.FluxParams(**spec["flux"]), folder / "flux.safetensors",
+                        dtype=dtype, device=device)
+    vae = weights.build(AutoEncoder, AutoEncoderParams(**spec["autoencoder"]), folder / "ae.safetensors",
+                        dtype=torch.float32, device=device)
+    return Backbone("flux", "miniature", dit, vae, txt.to(dtype), pooled.to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------- tiny presets

@@ -149,6 +149,22 @@ class CLIPTokenizer:
 # ---------------------------------------------------------------------------------------------- encoders
 
 
+def empty_t5_ids(length: int) -> torch.Tensor:
+    """Ids [1, length] of the empty prompt for T5/UMT5 without a tokenizer file: `</s>` then `<pad>`s (both
+    vocabularies put `<pad>` at 0 and `</s>` at 1). Used by the miniature, whose tiny encoders have no tokenizer."""
+    ids = torch.zeros(1, length, dtype=torch.long)
+    ids[0, 0] = 1
+    return ids
+
+
+def empty_clip_ids(config: clip.CLIPTextConfig) -> torch.Tensor:
+    """Ids [1, max_positions] of the empty prompt for CLIP without a tokenizer file: start, end, then end tokens as
+    padding (FLUX's pad token); CLIP's vocabulary ends with its start and end tokens."""
+    ids = torch.full((1, config.max_positions), config.vocab_size - 1, dtype=torch.long)
+    ids[0, 0] = config.vocab_size - 2
+    return ids
+
+
 def load_t5(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> t5.T5Encoder:
     """FLUX's T5-v1.1-XXL from its `text_encoder_2/` folder (sharded index or single file), in eval mode."""
     path = find_file(folder, ["model.safetensors.index.json", "model.safetensors"])

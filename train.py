@@ -118,8 +118,7 @@ def load_backbone(args: argparse.Namespace, device: torch.device) -> backbones.B
     if args.preset == "tiny":
         return backbones.tiny(args.backbone).to(device)  # one fixed tiny model, whatever --seed is
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    load = backbones.load_flux if args.backbone == "flux" else backbones.load_wan
-    return load(args.weights, dtype=dtype, device=device, text_cache=args.text_cache)
+    return backbones.load(args.backbone, args.weights, dtype, device, args.text_cache)
 
 
 def make_dataset(args: argparse.Namespace):
