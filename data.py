@@ -673,8 +673,8 @@ class ManifestItem:
 class Manifest:
     """The paper authors' JSON manifests: a list of {"image_path", "target_path", "degradation", "dataset"}.
 
-    `image_path` is the degraded input, `target_path` the clean target; for video (frames = 4k+1) both are
-    lists of frame image paths of equal length. Relative paths resolve against the manifest's folder.
+    `image_path` is the degraded input, `target_path` the clean target; for video both are lists of frame image
+    paths of equal length (`pair` then needs `frames`, 4k+1, the clip length to cut). Relative paths resolve against the manifest's folder.
     `items[i].degradation` and `items[i].dataset` name each pair (evaluation groups by dataset).
     """
 
@@ -694,17 +694,14 @@ class Manifest:
         if not isinstance(entry, dict) or any(key not in entry for key in keys):
             raise ValueError(f"{path}: entry {i} must be an object with keys {list(keys)}, got {entry!r:.200}")
         folder = path.parent
-        if self.frames is None:
-            if not all(isinstance(entry[key], str) for key in keys[:2]):
-                raise ValueError(f"{path}: entry {i}: image manifests need one path per image_path/target_path "
-                                 f"(lists of frames are video: pass frames=...)")
+        if all(isinstance(entry[key], str) for key in keys[:2]):
             degraded, clean = folder / entry["image_path"], folder / entry["target_path"]
-        else:
-            if not all(isinstance(entry[key], list) and entry[key] for key in keys[:2]):
-                raise ValueError(f"{path}: entry {i}: video manifests need lists of frame paths in "
-                                 f"image_path/target_path")
+        elif all(isinstance(entry[key], list) and entry[key] for key in keys[:2]):
             degraded = [folder / p for p in entry["image_path"]]
             clean = [folder / p for p in entry["target_path"]]
+        else:
+            raise ValueError(f"{path}: entry {i}: image_path and target_path must both be paths (images) or both "
+                             f"non-empty lists of frame paths (videos)")
         return ManifestItem(degraded, clean, str(entry["degradation"]), str(entry["dataset"]))
 
     def __len__(self) -> int:
@@ -714,6 +711,10 @@ class Manifest:
         """(clean, degraded) crops: [3, h, w] each, or [3, frames, h, w] for videos."""
         _check_index(index, len(self))
         item = self.items[index]
+        if (self.frames is None) != isinstance(item.degraded, Path):
+            kind = "an image" if isinstance(item.degraded, Path) else "a video (lists of frame paths)"
+            raise ValueError(f"manifest entry {index} is {kind}, but clips of "
+                             f"{'frames=None (images)' if self.frames is None else f'{self.frames} frames'} were asked for")
         return _read_pair(item.clean, item.degraded, self.size, self.frames, generator)
 
 

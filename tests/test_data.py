@@ -481,10 +481,10 @@ def test_manifest_images_and_video(tmp_path):
     assert clean.shape == (3, 5, 16, 16) and torch.allclose(degraded, 1 - clean, atol=1e-6)
     assert find_crop(clip, clean) is not None
 
-    with pytest.raises(ValueError, match="lists of frames are video"):
-        Manifest(tmp_path / "v.json", size=16)
-    with pytest.raises(ValueError, match="video manifests need lists"):
-        Manifest(tmp_path / "m.json", size=16, frames=5)
+    with pytest.raises(ValueError, match="entry 0 is a video .* frames=None"):
+        Manifest(tmp_path / "v.json", size=16).pair(0, gen(0))
+    with pytest.raises(ValueError, match="entry 0 is an image, but clips of 5 frames"):
+        Manifest(tmp_path / "m.json", size=16, frames=5).pair(0, gen(0))
     (tmp_path / "bad.json").write_text(json.dumps([{"image_path": "a.png", "target_path": "b.png"}]))
     with pytest.raises(ValueError, match="entry 0 must be an object with keys"):
         Manifest(tmp_path / "bad.json", size=16)
