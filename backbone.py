@@ -40,9 +40,13 @@ class Backbone:
     txt: Tensor  # [1, L, text_width] the text encoder's output for the empty prompt "" (T5 or UMT5)
     pooled: Tensor | None = None  # [1, 768] FLUX only: pooled CLIP vector of ""
     guidance: float = 1.0  # FLUX.1-dev's guidance input (the authors use 1.0)
+    token_site: text.TokenSite | None = None  # the text encoders, kept only for the text-token baseline
 
     def __post_init__(self):
-        for module in (self.dit, self.vae):
+        frozen = [self.dit, self.vae]
+        if self.token_site is not None:
+            frozen += [m for m in (self.token_site.t5, self.token_site.clip) if m is not None]
+        for module in frozen:
             module.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ facts prompts need
@@ -74,11 +78,25 @@ class Backbone:
 
     def new_prompt(self, site: str, length: int) -> nn.Module:
         """A freshly initialised prompt (prompts.py) of `length` tokens that fits this backbone."""
-        return prompts.new_prompt(site, length, self.num_blocks, self.width, self.text_width, self.pooled_width)
+        return prompts.new_prompt(site, length, self.num_blocks, self.width, self.text_width, self.pooled_width,
+                                  self.token_site)
+
+    def attach(self, prompt: nn.Module) -> nn.Module:
+        """Connect a loaded prompt to this backbone: a text-token prompt runs through its text encoders."""
+        if isinstance(prompt, prompts.TokenPrompt):
+            if self.token_site is None:
+                raise ValueError("this is a text-token prompt: the backbone must be loaded with its text encoders "
+                                 "(keep_text_encoders=True)")
+            prompt.site = self.token_site
+        return prompt
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.dit.to(device)
         self.vae.to(device)
+        if self.token_site is not None:
+            self.token_site.t5.to(device)
+            if self.token_site.clip is not None:
+                self.token_site.clip.to(device)
         self.txt = self.txt.to(device)
         self.pooled = None if self.pooled is None else self.pooled.to(device)
         return self
@@ -86,17 +104,23 @@ class Backbone:
     # ------------------------------------------------------------------ pixels <-> latents
 
     @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """[B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [-1, 1] -> float32 latent [B, 16, ...]."""
+    def encode(self, pixels: Tensor, tile: int | None = None) -> Tensor:
+        """[B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [-1, 1] -> float32 latent [B, 16, ...].
+
+        `tile` (pixels; FLUX only): encode overlapping tiles of at most tile x tile pixels (bounded memory)."""
         self.check_pixels(pixels)
-        vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(pixels.to(self.device, vae_dtype)).float()
+        pixels = pixels.to(self.device, next(self.vae.parameters()).dtype)
+        if tile is not None and self.kind == "flux":
+            return self.vae.encode(pixels, tile=tile, overlap=tile // 4).float()
+        return self.vae.encode(pixels).float()
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Inverse of `encode`: float32 pixels in [-1, 1]."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(latent.to(self.device, vae_dtype)).float().clamp(-1, 1)
+    def decode(self, latent: Tensor, tile: int | None = None) -> Tensor:
+        """Inverse of `encode`: float32 pixels in [-1, 1]. `tile` as in `encode`."""
+        latent = latent.to(self.device, next(self.vae.parameters()).dtype)
+        if tile is not None and self.kind == "flux":
+            return self.vae.decode(latent, tile=tile, overlap=tile // 4).float().clamp(-1, 1)
+        return self.vae.decode(latent).float().clamp(-1, 1)
 
     def check_pixels(self, pixels: Tensor) -> None:
         """One clear error for an input the DiT cannot take (sizes must be multiples of 16; Wan: 4k+1 frames)."""
@@ -147,11 +171,13 @@ def load_flux(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     text_cache: str | os.PathLike | None = None,
+    keep_text_encoders: bool = False,
 ) -> Backbone:
     """FLUX.1-dev or -schnell from an official snapshot folder (which one: by the transformer file present).
 
     The text encoders run first, once, for the empty prompt (their output is cached on disk in `text_cache`), and
-    are freed before the 12B transformer is loaded. The autoencoder stays float32 (as in the paper).
+    are freed before the 12B transformer is loaded, unless `keep_text_encoders` (the text-token baseline). The
+    autoencoder stays float32 (as in the paper).
     """
     snapshot = Path(snapshot)
     path = weights.find_file(snapshot, flux_model.CHECKPOINT_NAMES.values())
@@ -161,7 +187,11 @@ def load_flux(
     dit = weights.build(flux_model.Flux, flux_model.CONFIGS[config], path, dtype=dtype, device=device)
     vae = weights.build(AutoEncoder, AE_CONFIGS["flux"], weights.find_file(snapshot, ["ae.safetensors"]),
                         dtype=torch.float32, device=device)
-    return Backbone("flux", config, dit, vae, txt, pooled)
+    site = None
+    if keep_text_encoders:
+        site = text.TokenSite(text.load_t5(snapshot / "text_encoder_2", dtype, device), text_len, masked=False,
+                              clip_encoder=text.load_clip(snapshot / "text_encoder", dtype, device))
+    return Backbone("flux", config, dit, vae, txt, pooled, token_site=site)
 
 
 def load_wan(
@@ -169,31 +199,37 @@ def load_wan(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     text_cache: str | os.PathLike | None = None,
+    keep_text_encoders: bool = False,
     config: str = "wan2.1-t2v-1.3b",
     context_len: int = 226,
 ) -> Backbone:
     """Wan2.1-T2V from an official snapshot folder. `context_len`: the empty prompt's UMT5 states are zero-padded
     to this many tokens; 226 is what the paper's authors used (and what their released prompts expect), the
-    official Wan pipeline pads to 512. The UMT5 encoder runs once and is freed; the VAE stays float32."""
+    official Wan pipeline pads to 512. The UMT5 encoder runs once and is freed (unless `keep_text_encoders`, for
+    the text-token baseline); the VAE stays float32."""
     snapshot = Path(snapshot)
     txt = text.wan_text([""], snapshot, context_len, device=device, dtype=dtype, cache_dir=text_cache)
     path = weights.find_file(snapshot, ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"])
     dit = weights.build(wan_model.WanModel, wan_model.CONFIGS[config], path, dtype=dtype, device=device)
     vae = weights.build(WanVAE, wan_vae.CONFIGS["wan2.1"], weights.find_file(snapshot, wan_vae.CHECKPOINT_NAMES.values()),
                         dtype=torch.float32, device=device)
-    return Backbone("wan", config, dit, vae, txt)
+    site = None
+    if keep_text_encoders:
+        site = text.TokenSite(text.load_umt5(snapshot / text.WAN_T5_FILE, dtype, device), context_len, masked=True)
+    return Backbone("wan", config, dit, vae, txt, token_site=site)
 
 
-def load(kind: str, folder: str | os.PathLike, dtype: torch.dtype, device, text_cache=None) -> Backbone:
+def load(
+    kind: str, folder: str | os.PathLike, dtype: torch.dtype, device, text_cache=None, keep_text_encoders=False
+) -> Backbone:
     """The backbone in `folder`: the project's miniature (a `miniature.json` inside) or an official snapshot."""
     folder = Path(folder)
     if (folder / MINIATURE_FILE).is_file():
         if kind != "flux":
             raise ValueError(f"{folder} holds the miniature, a FLUX-architecture image model: use --backbone flux")
         return load_miniature(folder, dtype, device)
-    if kind == "flux":
-        return load_flux(folder, dtype, device, text_cache)
-    return load_wan(folder, dtype, device, text_cache)
+    load_official = load_flux if kind == "flux" else load_wan
+    return load_official(folder, dtype, device, text_cache, keep_text_encoders)
 
 
 MINIATURE_FILE = "miniature.json"
@@ -216,7 +252,8 @@ def load_miniature(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
                         dtype=dtype, device=device)
     vae = weights.build(AutoEncoder, AutoEncoderParams(**spec["autoencoder"]), folder / "ae.safetensors",
                         dtype=torch.float32, device=device)
-    return Backbone("flux", "miniature", dit, vae, txt.to(dtype), pooled.to(dtype))
+    site = text.TokenSite(t5, spec["text_len"], masked=False, clip_encoder=clip)  # tiny: always kept
+    return Backbone("flux", "miniature", dit, vae, txt.to(dtype), pooled.to(dtype), token_site=site)
 
 
 # ---------------------------------------------------------------------------------------------- tiny presets
@@ -233,28 +270,31 @@ TINY_AE = AutoEncoderParams(
 )
 TINY_WAN = wan_model.WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=64)
 TINY_WAN_VAE = WanVAEConfig(dim=8)
-TINY_TEXT_LEN = {"flux": 16, "wan": 16}
+TINY_T5 = t5_model.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=2, num_buckets=8)
+TINY_UMT5 = t5_model.T5Config(**{**TINY_T5.__dict__, "bias_in_every_layer": True})
+TINY_CLIP = clip_model.CLIPTextConfig(vocab_size=64, width=32, num_layers=2, num_heads=4, mlp_dim=64, max_positions=16)
+TINY_TEXT_LEN = 16
 
 
-def tiny(kind: str, seed: int = 0) -> Backbone:
-    """A tiny random backbone of `kind` ("flux" or "wan"), deterministic in `seed`, float32 on the CPU.
+def tiny(kind: str) -> Backbone:
+    """The tiny random backbone of `kind` ("flux" or "wan"): always the same weights (seed 0), float32, CPU.
 
-    Its "empty-prompt conditioning" is a fixed random tensor: there is no text encoder at this size.
-    """
-    generator = torch.Generator().manual_seed(seed)
+    It has tiny random text encoders too (kept, for the text-token baseline); its empty-prompt conditioning is
+    their output for the empty prompt, as for the real models."""
+    if kind not in ("flux", "wan"):
+        raise ValueError(f"unknown backbone {kind!r}; choose 'flux' or 'wan'")
     torch_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # module initialisers draw from the global generator
+    torch.manual_seed(0)  # module initialisers draw from the global generator
     try:
         if kind == "flux":
+            t5, clip = t5_model.T5Encoder(TINY_T5).eval(), clip_model.CLIPTextEncoder(TINY_CLIP).eval()
+            site = text.TokenSite(t5, TINY_TEXT_LEN, masked=False, clip_encoder=clip)
             dit, vae = flux_model.Flux(TINY_FLUX), AutoEncoder(TINY_AE)
-            txt = torch.randn(1, TINY_TEXT_LEN["flux"], TINY_FLUX.context_in_dim, generator=generator)
-            pooled = torch.randn(1, TINY_FLUX.vec_in_dim, generator=generator)
-            return Backbone("flux", "tiny-flux", dit, vae, txt, pooled)
-        if kind == "wan":
+        else:
+            site = text.TokenSite(t5_model.UMT5Encoder(TINY_UMT5).eval(), TINY_TEXT_LEN, masked=True)
             dit, vae = wan_model.WanModel(TINY_WAN), WanVAE(TINY_WAN_VAE)
-            txt = torch.randn(1, TINY_TEXT_LEN["wan"], TINY_WAN.text_dim, generator=generator)
-            return Backbone("wan", "tiny-wan", dit, vae, txt)
     finally:
         torch.random.set_rng_state(torch_state)
-    raise ValueError(f"unknown backbone {kind!r}; choose 'flux' or 'wan'")
-
+    with torch.no_grad():
+        txt, pooled = site(torch.zeros(1, 0, site.t5_width), torch.zeros(1, 0, site.clip_width))
+    return Backbone(kind, f"tiny-{kind}", dit, vae, txt, pooled, token_site=site)

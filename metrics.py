@@ -352,10 +352,11 @@ def _is_number(value: object) -> bool:
 
 def markdown_table(summary: Mapping[str, Mapping[str, float]]) -> str:
     """A Markdown table of `summarise`'s output: one row per dataset, columns count then each metric in order of
-    first appearance; PSNR with 2 decimals, other metrics with 4; "-" where a dataset lacks a metric."""
+    first appearance; PSNRs (any column named *psnr*) with 2 decimals, other metrics with 4; "-" where a dataset
+    lacks a metric."""
     metrics = list(dict.fromkeys(k for values in summary.values() for k in values if k != "count"))
     lines = ["| dataset | count | " + " | ".join(metrics) + " |", "| --- | ---: |" + " ---: |" * len(metrics)]
     for dataset, values in summary.items():
-        cells = [f"{values[m]:.{2 if m == 'psnr' else 4}f}" if m in values else "-" for m in metrics]
+        cells = [f"{values[m]:.{2 if 'psnr' in m else 4}f}" if m in values else "-" for m in metrics]
         lines.append(f"| {dataset} | {int(values['count'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,8 @@ keyword arguments of the DiT's forward. Two sites:
                 Wan:  block i's cross-attention becomes attn(x, ctx) + alpha_i * attn(x, ctx + P).
   TextPrompt  (the abstract's form) a learned offset [1, K, 4096] on the T5/UMT5 output tokens, and for FLUX a
               learned offset [1, 768] on the pooled CLIP vector; initialised to 0 for the same reason.
+  TokenPrompt (a baseline) K learned vectors at the text encoders' INPUT embedding, trained through the frozen
+              encoders, which must then stay in memory.
 
 Prompt files are safetensors with metadata (backbone, config, site, K, the bridge's T0, training arguments).
 The paper authors' released `wan_*.pt` files import into this format bit-exactly (`import_authors_wan`).
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 import weights
 
 FORMAT = "ypt-prompt/1"
-SITES = ("deep", "text")
+SITES = ("deep", "text", "token")
 
 
 def fit_length(p: Tensor, length: int) -> Tensor:
@@ -73,14 +75,54 @@ class TextPrompt(nn.Module):
         return {"context": context + fit_length(self.tokens, context.shape[1]).to(context.dtype)}
 
 
-def new_prompt(site: str, length: int, num_blocks: int, width: int, text_width: int, pooled_width: int) -> nn.Module:
+class TokenPrompt(nn.Module):
+    """The text-token baseline: K learned vectors at the text encoders' INPUT embedding (T5/UMT5 [1, K, C], and for
+    FLUX CLIP [1, Kc, 768]) in place of prompt words; the frozen encoders turn them into the conditioning at every
+    step (`text.TokenSite`, attached by `Backbone.attach`; the encoders are not part of the prompt's state)."""
+
+    def __init__(self, length: int, t5_width: int, clip_length: int = 0, clip_width: int = 0):
+        super().__init__()
+        self.t5 = nn.Parameter(torch.zeros(1, length, t5_width))
+        self.clip = nn.Parameter(torch.zeros(1, clip_length, clip_width)) if clip_width else None
+        self.site = None
+
+    def _encode(self) -> tuple[Tensor, Tensor | None]:
+        if self.site is None:
+            raise ValueError("a text-token prompt needs the text encoders in memory: attach it with Backbone.attach")
+        return self.site(self.t5, self.clip)
+
+    def flux_inputs(self, txt: Tensor, pooled: Tensor) -> dict:
+        states, new_pooled = self._encode()
+        return {"txt": states.to(txt.dtype).expand(txt.shape[0], -1, -1),
+                "y": new_pooled.to(pooled.dtype).expand(pooled.shape[0], -1)}
+
+    def wan_inputs(self, context: Tensor) -> dict:
+        states, _ = self._encode()
+        return {"context": states.to(context.dtype).expand(context.shape[0], -1, -1)}
+
+
+def new_prompt(
+    site: str, length: int, num_blocks: int, width: int, text_width: int, pooled_width: int, token_site=None
+) -> nn.Module:
     """A freshly initialised prompt of K = `length` tokens for a DiT of `num_blocks` blocks of `width` whose text
-    conditioning is [*, L, text_width] (and a pooled vector of `pooled_width`, 0 for none). See Backbone.new_prompt.
-    """
+    conditioning is [*, L, text_width] (and a pooled vector of `pooled_width`, 0 for none). The "token" site
+    needs the encoders (`token_site`, a text.TokenSite) and starts from embeddings of random vocabulary tokens.
+    See Backbone.new_prompt."""
     if site == "deep":
         return DeepPrompt(num_blocks, length, width)
     if site == "text":
         return TextPrompt(length, text_width, pooled_width)
+    if site == "token":
+        if token_site is None:
+            raise ValueError("the text-token site needs the text encoders in memory (load the backbone with them)")
+        clip_length = min(length, token_site.clip.config.max_positions - 2) if token_site.clip is not None else 0
+        prompt = TokenPrompt(length, token_site.t5_width, clip_length, token_site.clip_width)
+        with torch.no_grad():
+            prompt.t5.copy_(token_site.initial_vectors(length, "t5"))
+            if prompt.clip is not None:
+                prompt.clip.copy_(token_site.initial_vectors(clip_length, "clip"))
+        prompt.site = token_site
+        return prompt
     raise ValueError(f"unknown prompt site {site!r}; choose one of {SITES}")
 
 
@@ -114,6 +156,9 @@ def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[n
     elif meta["site"] == "text":
         pooled = state.get("pooled")
         prompt = TextPrompt(state["tokens"].shape[1], state["tokens"].shape[2], 0 if pooled is None else pooled.shape[1])
+    elif meta["site"] == "token":
+        clip_shape = state["clip"].shape[1:] if "clip" in state else (0, 0)
+        prompt = TokenPrompt(state["t5"].shape[1], state["t5"].shape[2], *clip_shape)
     else:
         raise ValueError(f"{path}: unknown prompt site {meta['site']!r}")
     weights.load_into(prompt, state)

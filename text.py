@@ -213,6 +213,66 @@ def _wan_encode(texts: list[str], snapshot: Path, length: int, device, dtype) ->
     return [{"txt": states[i]} for i in range(len(texts))]
 
 
+# ---------------------------------------------------------------------------------------------- learned input tokens
+
+
+class TokenSite:
+    """The frozen text encoders kept in memory for the text-token baseline, which learns K vectors at the encoders'
+    INPUT embedding: the empty prompt's ids with the learned vectors spliced in before its end-of-text token,
+    run through the encoders at every step (so gradients reach the vectors through the frozen encoders).
+
+    FLUX: T5 on [v_1 .. v_K, </s>, <pad> ...] (no attention mask, as FLUX does) and CLIP on
+    [<start>, w_1 .. w_Kc, <end>, <end> ...] (pooled at the end token). Wan: UMT5 on [v_1 .. v_K, </s>, <pad> ...]
+    with the attention mask, zeroed past the K + 1 tokens, as Wan does for real text.
+    """
+
+    def __init__(self, t5: t5.T5Encoder | t5.UMT5Encoder, length: int, masked: bool,
+                 clip_encoder: clip.CLIPTextEncoder | None = None):
+        self.t5, self.length, self.masked, self.clip = t5, length, masked, clip_encoder
+
+    @property
+    def t5_width(self) -> int:
+        return self.t5.config.d_model
+
+    @property
+    def clip_width(self) -> int:
+        return 0 if self.clip is None else self.clip.config.width
+
+    def initial_vectors(self, count: int, encoder: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Embeddings [1, count, width] of `count` random vocabulary tokens (encoder "t5" or "clip"): a start for
+        learned input vectors that the encoder has seen the like of."""
+        model = self.t5 if encoder == "t5" else self.clip
+        vocab = model.config.vocab_size
+        ids = torch.randint(2, vocab - 2, (1, count), generator=generator)
+        return model.embed(ids.to(next(model.parameters()).device)).detach().float().cpu()
+
+    def __call__(self, t5_vectors: torch.Tensor, clip_vectors: torch.Tensor | None = None):
+        """(T5/UMT5 states [1, length, C], pooled CLIP [1, width] or None) for the learned vectors."""
+        count = t5_vectors.shape[1]
+        if count >= self.length:
+            raise ValueError(f"{count} learned tokens leave no room for </s> in {self.length} text positions")
+        device = next(self.t5.parameters()).device
+        ids = empty_t5_ids(self.length).to(device)
+        embeds = self.t5.embed(ids)
+        embeds = torch.cat([t5_vectors.to(embeds), embeds[:, : self.length - count]], dim=1)  # vectors, </s>, pads
+        if self.masked:
+            mask = (torch.arange(self.length, device=device) <= count).long()[None]
+            states = self.t5(inputs_embeds=embeds, attention_mask=mask) * mask[..., None].to(embeds.dtype)
+        else:
+            states = self.t5(inputs_embeds=embeds)
+        if self.clip is None:
+            return states, None
+        ids = empty_clip_ids(self.clip.config).to(device)
+        if clip_vectors.shape[1] + 2 > ids.shape[1]:
+            raise ValueError(f"{clip_vectors.shape[1]} learned CLIP tokens do not fit in {ids.shape[1]} positions")
+        width = clip_vectors.shape[1]
+        ids = torch.cat([ids[:, :1], torch.zeros_like(ids[:, :width]), ids[:, 1 : ids.shape[1] - width]], dim=1)
+        embeds = self.clip.embed(ids)  # the zero ids are placeholders: argmax(ids) still finds the end token
+        embeds = torch.cat([embeds[:, :1], clip_vectors.to(embeds), embeds[:, 1 + width :]], dim=1)
+        _, pooled = self.clip(ids, inputs_embeds=embeds)
+        return states, pooled
+
+
 # ---------------------------------------------------------------------------------------------- cache
 
 

@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--latent-cache", type=Path, help="encode each training pair once and keep its latents here "
                    "(fixes each pair's crop and degradation; without it they are redrawn every time)")
     g = p.add_argument_group("method")
-    g.add_argument("--site", choices=prompts.SITES, default="deep", help="deep prompt bank (the authors') or text-encoder "
-                   "output offset (the abstract's) (default: %(default)s)")
+    g.add_argument("--site", choices=prompts.SITES, default="deep", help="deep: the authors' prompt bank in every "
+                   "block; text: offsets on the text encoders' output (the abstract's form); token: the baseline "
+                   "learning input-embedding vectors through the frozen text encoders (default: %(default)s)")
     g.add_argument("--prompt-len", type=int, help="prompt tokens K (default: 512 FLUX, 226 Wan)")
     g.add_argument("--path", choices=["bridge", "naive"], default="bridge", help="training path (default: %(default)s)")
     g.add_argument("--t0", type=float, default=0.4, help="bridge end time T0 (default: %(default)s)")
@@ -118,7 +119,7 @@ def load_backbone(args: argparse.Namespace, device: torch.device) -> backbones.B
     if args.preset == "tiny":
         return backbones.tiny(args.backbone).to(device)  # one fixed tiny model, whatever --seed is
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    return backbones.load(args.backbone, args.weights, dtype, device, args.text_cache)
+    return backbones.load(args.backbone, args.weights, dtype, device, args.text_cache, args.site == "token")
 
 
 def make_dataset(args: argparse.Namespace):

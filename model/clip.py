@@ -110,6 +110,10 @@ class CLIPTextEncoder(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding lookup [B, L] -> [B, L, width] (what `inputs_embeds` replaces)."""
+        return self.text_model.embeddings.token_embedding(input_ids)
+
     def forward(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,6 +209,10 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding lookup [B, L] -> [B, L, d_model] (what `inputs_embeds` replaces)."""
+        return self.shared(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -297,6 +301,10 @@ class UMT5Encoder(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList([UMT5Block(config) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.d_model, config.eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding lookup [B, L] -> [B, L, d_model] (what `inputs_embeds` replaces)."""
+        return self.token_embedding(input_ids)
 
     def forward(
         self,

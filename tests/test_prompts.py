@@ -25,7 +25,7 @@ def latent_batch(bb, seed=0):
     return torch.randn(shape, generator=g), torch.tensor([0.3, 0.05])
 
 
-@pytest.mark.parametrize("site", prompts.SITES)
+@pytest.mark.parametrize("site", ["deep", "text"])
 def test_untrained_prompt_is_exactly_the_pretrained_model(bb, site):
     x, t = latent_batch(bb)
     prompt = bb.new_prompt(site, 8)
@@ -65,6 +65,34 @@ def test_text_prompt_shifts_the_conditioning(bb):
     shifted.txt[:, :4] += prompt.tokens[0]
     with torch.no_grad():
         assert torch.allclose(bb.velocity(x, t, prompt), shifted.velocity(x, t), atol=1e-6)
+
+
+def test_token_prompt_learns_through_the_frozen_text_encoders(tmp_path, bb):
+    x, t = latent_batch(bb)
+    prompt = bb.new_prompt("token", 3)
+    assert prompt.t5.shape == (1, 3, bb.token_site.t5_width)
+    assert (prompt.clip is not None) == (bb.kind == "flux")
+    out = bb.velocity(x, t, prompt)
+    out.square().mean().backward()
+    assert prompt.t5.grad.abs().sum() > 0
+    if prompt.clip is not None:
+        assert prompt.clip.grad.abs().sum() > 0
+    encoders = [m for m in (bb.token_site.t5, bb.token_site.clip) if m is not None]
+    assert all(p.grad is None and not p.requires_grad for m in encoders for p in m.parameters())
+    # the empty prompt's conditioning is the text encoders on zero learned tokens: the same code path
+    states, pooled = bb.token_site(torch.zeros(1, 0, bb.token_site.t5_width), torch.zeros(1, 0, bb.token_site.clip_width))
+    assert torch.equal(states, bb.txt) and (pooled is None or torch.equal(pooled, bb.pooled))
+
+    meta = {"backbone": bb.kind, "config": bb.config, "site": "token"}
+    prompts.save_prompt(prompt, tmp_path / "token.safetensors", meta)
+    loaded, _ = prompts.load_prompt(tmp_path / "token.safetensors")
+    with pytest.raises(ValueError, match="needs the text encoders in memory"):
+        bb.velocity(x, t, loaded)
+    bare = backbone.Backbone(bb.kind, bb.config, bb.dit, bb.vae, bb.txt, bb.pooled)
+    with pytest.raises(ValueError, match="loaded with its text encoders"):
+        bare.attach(loaded)
+    with torch.no_grad():
+        assert torch.equal(bb.velocity(x, t, bb.attach(loaded)), bb.velocity(x, t, prompt))
 
 
 def test_save_load_round_trip_and_wrong_backbone(tmp_path, bb):

@@ -38,9 +38,9 @@ def fixed_batch_loss(bb, prompt, kind, seed=123):
         return train.step_loss(bb, prompt, 0.4, "bridge")(x0, y, eps, t).item()
 
 
-@pytest.mark.parametrize("kind,site", [("flux", "deep"), ("flux", "text"), ("wan", "deep")])
-def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site):
-    result = run(tmp_path, "--backbone", kind, "--site", site, "--steps", "40", "--batch", "4", "--lr", "5e-2")
+@pytest.mark.parametrize("kind,site,lr", [("flux", "deep", 5e-2), ("flux", "text", 2e-1), ("wan", "deep", 5e-2)])
+def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site, lr):
+    result = run(tmp_path, "--backbone", kind, "--site", site, "--steps", "40", "--batch", "4", "--lr", str(lr))
     fresh = backbone.tiny(kind)
     for module in ("dit", "vae"):  # every backbone tensor bit-identical to the untouched pre-trained one
         trained_state, fresh_state = getattr(result.backbone, module).state_dict(), getattr(fresh, module).state_dict()
@@ -52,7 +52,7 @@ def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site):
     print(f"{kind}/{site}: fixed-batch loss {untrained:.5f} -> {learned:.5f} after 40 steps")
     assert learned < 0.95 * untrained
     saved, meta = prompts.load_prompt(tmp_path / "run" / "prompt.safetensors", backbone=kind)
-    assert meta["site"] == site and meta["step"] == 40 and meta["train_args"]["lr"] == 5e-2
+    assert meta["site"] == site and meta["step"] == 40 and meta["train_args"]["lr"] == lr
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), result.prompt.state_dict().values()))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == list(range(1, 41))
