@@ -263,15 +263,16 @@ class SingleStreamBlock(nn.Module):
         """x [B, L + N, D] (text first), vec [B, D]; txt_attn_term [1 or B, L, D] is added to the first L
         (text) tokens of the attention's input only, not to the MLP's. Returns [B, L + N, D]."""
         shift, scale, gate = self.modulation(vec)
-        qkv, hidden = self.linear1(modulate(x, self.pre_norm, shift, scale)).split(
-            [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
+        x_mod = modulate(x, self.pre_norm, shift, scale)
+        attn_in = x_mod
         if txt_attn_term is not None:
-            # linear1 is affine, so adding the term to the attention's input adds its projection by linear1's
-            # q, k, v rows (no bias) to the text part of qkv; the MLP half never sees it.
             txt_len = txt_attn_term.shape[1]
-            term_qkv = F.linear(txt_attn_term, self.linear1.weight[: 3 * self.hidden_size])
-            qkv = torch.cat((qkv[:, :txt_len] + term_qkv, qkv[:, txt_len:]), dim=1)
+            attn_in = torch.cat((x_mod[:, :txt_len] + txt_attn_term, x_mod[:, txt_len:]), dim=1)
+        # linear1 as its two halves (row blocks of the one official weight): q, k, v from the attention's input,
+        # the MLP hidden layer from the plain modulated tokens
+        qkv_rows = 3 * self.hidden_size
+        qkv = F.linear(attn_in, self.linear1.weight[:qkv_rows], self.linear1.bias[:qkv_rows])
+        hidden = F.linear(x_mod, self.linear1.weight[qkv_rows:], self.linear1.bias[qkv_rows:])
         q, k, v = rearrange(qkv, "B S (K H D) -> K B H S D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((attention(q, k, v, cos, sin), self.mlp_act(hidden)), dim=-1))
