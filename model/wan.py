@@ -184,13 +184,32 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, source: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        q = rearrange(self.norm_q(self.q(x)), "b l (n d) -> b n l d", n=self.num_heads)
-        k = rearrange(self.norm_k(self.k(source)), "b s (n d) -> b n s d", n=self.num_heads)
-        v = rearrange(self.v(source), "b s (n d) -> b n s d", n=self.num_heads)
+        q = self.queries(x)
+        k, v = self.keys_values(source)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.o(rearrange(out, "b n l d -> b l (n d)"))
+        return self.o(self.attend(q, k, v))
+
+    def prompted(self, x: torch.Tensor, context: torch.Tensor, prompt: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """The deep prompt's cross-attention attn(x, ctx) + alpha * attn(x, ctx + P), with the queries and the
+        output projection computed once: `o` is affine, so o(a) + alpha o(a') = W (a + alpha a') + (1 + alpha) b."""
+        q = self.queries(x)
+        mixed = self.attend(q, *self.keys_values(context)) + alpha * self.attend(q, *self.keys_values(context + prompt))
+        return F.linear(mixed, self.o.weight, (1 + alpha) * self.o.bias)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] -> normalised queries [B, heads, L, head_dim]."""
+        return rearrange(self.norm_q(self.q(x)), "b l (n d) -> b n l d", n=self.num_heads)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source [B, S, dim] -> normalised keys and values, each [B, heads, S, head_dim]."""
+        k = rearrange(self.norm_k(self.k(source)), "b s (n d) -> b n s d", n=self.num_heads)
+        return k, rearrange(self.v(source), "b s (n d) -> b n s d", n=self.num_heads)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention, heads merged: [B, heads, L, head_dim] -> [B, L, dim] (before the output projection)."""
+        return rearrange(F.scaled_dot_product_attention(q, k, v), "b n l d -> b l (n d)")
 
 
 class WanBlock(nn.Module):
@@ -233,11 +252,11 @@ class WanBlock(nn.Module):
         x = (x.float() + self.self_attn(h, h, rope).float() * gate_sa).type_as(x)
 
         h = self.norm3(x)
-        cross = self.cross_attn(h, context)
-        if cross_prompt is not None:
+        if cross_prompt is None:
+            x = x + self.cross_attn(h, context)
+        else:
             prompt, alpha = cross_prompt
-            cross = cross + alpha * self.cross_attn(h, context + prompt.to(context.dtype))
-        x = x + cross
+            x = x + self.cross_attn.prompted(h, context, prompt.to(context.dtype), alpha)
 
         h = (self.norm2(x).float() * (1 + scale_ff) + shift_ff).type_as(x)
         return (x.float() + self.ffn(h).float() * gate_ff).type_as(x)
