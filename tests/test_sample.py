@@ -101,9 +101,9 @@ def test_tiles_covering_the_image_change_nothing():
     t = torch.full((1,), 0.3)
     with torch.no_grad():  # the tiled velocity with one covering tile is exactly the velocity
         assert torch.equal(sample.tiled_velocity(bb.velocity, 24, 4)(latent, t), bb.velocity(latent, t))
-    image = data.toy_images(1, 128, 192, seed=5)[0]
+    image = data.toy_images(1, 64, 128, seed=5)[0]
     whole = sample.restore_image(bb, bb.velocity, image, sample_args(steps=2), 256, "whole")
-    tiled = sample.restore_image(bb, bb.velocity, image, sample_args(steps=2), 64, "tiled")
+    tiled = sample.restore_image(bb, bb.velocity, image, sample_args(steps=2), 64, "tiled")  # 2 tiles, 16-px fades
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().mean() < 0.25  # each tile sees less context: close, not equal
 
@@ -132,11 +132,11 @@ def test_chunk_plan():
 
 def test_video_chunks_covering_the_clip_change_nothing():
     bb = backbone.tiny("wan")
-    video = data.toy_videos(1, 9, 32, 32, seed=6)[0]
+    video = data.toy_videos(1, 9, 16, 16, seed=6)[0]
     single = sample.restore_video(bb, bb.velocity, video, sample_args(chunk_frames=9), "single")
     covering = sample.restore_video(bb, bb.velocity, video, sample_args(chunk_frames=33), "covering")
     assert torch.equal(single, covering)
-    long = data.toy_videos(1, 17, 32, 32, seed=6)[0]
+    long = data.toy_videos(1, 17, 16, 16, seed=6)[0]
     chunked = sample.restore_video(bb, bb.velocity, long, sample_args(chunk_frames=9, chunk_overlap=4), "chunked")
     assert chunked.shape == long.shape and torch.isfinite(chunked).all()
 

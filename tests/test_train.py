@@ -40,7 +40,8 @@ def fixed_batch_loss(bb, prompt, kind, seed=123):
 
 @pytest.mark.parametrize("kind,site,lr", [("flux", "deep", 5e-2), ("flux", "text", 2e-1), ("wan", "deep", 5e-2)])
 def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site, lr):
-    result = run(tmp_path, "--backbone", kind, "--site", site, "--steps", "40", "--batch", "4", "--lr", str(lr))
+    result = run(tmp_path, "--backbone", kind, "--site", site, "--steps", "40", "--batch", "4", "--lr", str(lr),
+                 "--latent-cache", str(tmp_path / "latents"))
     fresh = backbone.tiny(kind)
     for module in ("dit", "vae"):  # every backbone tensor bit-identical to the untouched pre-trained one
         trained_state, fresh_state = getattr(result.backbone, module).state_dict(), getattr(fresh, module).state_dict()
