@@ -345,7 +345,9 @@ class WanModel(nn.Module):
 
         dtype = self.patch_embedding.weight.dtype
         grid = tuple(size // patch for size, patch in zip(x.shape[2:], config.patch_size))
-        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)  # [B, L, dim], (frame, row, col)
+        # [B, L, dim] in (frame, row, col) order; made contiguous once here, else every op of every block works on
+        # (and LayerNorm / Linear copy) a transposed layout
+        tokens = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         time_emb, time_mod = self.embed_time(t)
         context = self.text_embedding(context.to(dtype))
         rope = rope_cos_sin(grid, config.head_dim, x.device)
