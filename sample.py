@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learned prompt file (repeat to average several prompts' velocities); with the miniature "
                    "also the name of a shipped prompt (noise, blur, haze, lowlight). Default: none for official "
                    "weights (the plain pre-trained model on the bridge), all shipped prompts for the miniature")
+    g.add_argument("--no-prompt", action="store_true", help="the plain pre-trained model on the bridge, no learned "
+                   "prompt (the no-learning baseline; also with the miniature)")
     g.add_argument("--text", help="text-prompting baseline: condition on this text instead of the empty prompt "
                    "(official snapshots only), e.g. 'a sharp, clean, high quality photo'")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on "
@@ -86,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --flux or --wan, not both")
     if args.video is not None and args.flux is not None:
         p.error("videos are restored with Wan2.1: use --wan DIR")
+    if args.no_prompt and args.prompt:
+        p.error("--no-prompt and --prompt exclude each other")
     if args.tile is not None and (args.tile % 32 or args.tile < 64):
         p.error("--tile must be a multiple of 32, at least 64")
     if (args.chunk_frames - 1) % 4 or not 0 <= args.chunk_overlap < args.chunk_frames:
@@ -102,7 +106,7 @@ def load(args: argparse.Namespace, device: torch.device):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     miniature = kind == "flux" and args.flux is None and args.preset is None
     files = [prompt_path(file, miniature) for file in args.prompt]
-    if miniature and not files:
+    if miniature and not files and not args.no_prompt:
         files = sorted((MINIATURE / "prompts").glob("*.safetensors"))
     keep_encoders = any(weights.read_metadata(f).get("site") == "token" for f in files if f.suffix == ".safetensors")
     if args.preset == "tiny":
