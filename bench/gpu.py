@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU figures ({m['date_utc']} UTC)", "",
              f"{m.get('gpu', 'no GPU')}, torch {m['torch']}, {result['dtype']}. Command: `{result['command']}`.", "",
              "| FLUX.1-dev-size prompt-training step, 1024x1024 | s/step | model TFLOP | MFU (datasheet) | "
-             "of measured matmul | peak GiB |", "|---|---|---|---|---|---|"]
+             "of measured matmul | peak GiB (of it: the step) |", "|---|---|---|---|---|---|"]
     for key in ("checkpointing", "no_checkpointing"):
         r = f.get(key, {})
         if "median_s" not in r:
@@ -176,9 +176,12 @@ def markdown(result: dict) -> str:
         mfu = f"{100 * achieved / result['datasheet_peak_flops']:.0f}%" if result["datasheet_peak_flops"] else "-"
         lines.append(f"| {key.replace('_', ' ')} | {r['median_s']:.3f} | {r['model_tflop']:.1f} | {mfu} | "
                      f"{100 * achieved / result['matmul_flops']:.0f}% | "
-                     f"{r['memory'].get('peak_bytes', 0) / 2**30:.1f} |")
-    lines += ["", f"Measured bf16 matmul: {result['matmul_flops'] / 1e12:.0f} TFLOP/s; datasheet dense bf16 peak: "
-              f"{(result['datasheet_peak_flops'] or 0) / 1e12:.0f} TFLOP/s.", "",
+                     f"{r['memory'].get('peak_bytes', 0) / 2**30:.1f} ({r['memory'].get('step_peak_bytes', 0) / 2**30:.1f}) |")
+    lines += ["", "Peak = max_memory_allocated during one step, weights included; in brackets what the step adds "
+              "above the memory allocated before it (weights, inputs, prompt).",
+              f"Measured bf16 matmul (8192^3): {result['matmul_flops'] / 1e12:.0f} TFLOP/s; datasheet dense bf16 peak: "
+              f"{(result['datasheet_peak_flops'] or 0) / 1e12:.0f} TFLOP/s. MFU uses model FLOPs (checkpointing's "
+              "recomputation left out).", "",
               f"Wan2.1-1.3B-size bridge sampling, latent {w['latent']} ({w['tokens']} tokens), {w['steps']} steps: "
               f"**{w['median_s']:.2f} s** ({w['seconds_per_step']:.3f} s/step, "
               f"{w['achieved_tflops']:.0f} TFLOP/s achieved).", ""]
