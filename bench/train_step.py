@@ -17,8 +17,9 @@ Before timing, every variant's loss and prompt gradients are checked against our
 variants (A B C A B C ...) in one process after warm-up; the table gives medians and the paired ratio
 ours/diffusers (median over rounds of the two back-to-back times). Peak memory: each variant runs in a FRESH
 subprocess; after two warm-up steps the heap is trimmed and the RSS high-water mark reset, and the figure is the
-high-water mark during one step minus the RSS just before it (CPU), or max_memory_allocated minus
-memory_allocated before the step (CUDA). JSON: bench/results/train_step_<backbone>[_<device>].json.
+high-water mark during one step minus the RSS just before it (CPU; once with glibc's default malloc, once "live"
+with freed blocks returned to the OS at once, see common.LIVE_MALLOC_ENV), or max_memory_allocated minus
+memory_allocated before the step (CUDA). JSON: bench/results/train_step_<backbone>[_<device>][_ckpt].json.
 """
 
 import argparse
