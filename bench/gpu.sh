@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full-size figures on one lent GPU, in one go (about 3 minutes on an H100/H200; hard limit 7.5 minutes):
+# Full-size figures on one lent GPU, in one go (35 s of work on an H200, plus start-up; hard limit 7.5 minutes):
 #   1. FLUX.1-dev-size (12B, random bf16 weights made on the GPU) prompt-training step at 1024x1024, with and
 #      without activation checkpointing: s/step, MFU, peak memory;
 #   2. Wan2.1-1.3B-size bridge sampling of a 33-frame 480x832 clip, 20 steps: seconds.
