@@ -33,6 +33,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.rope import apply_rope
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -117,21 +119,6 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device: torch.device
         angles.append(axis_angles.view(view).expand(*grid, part // 2))
     angles = torch.cat(angles, dim=-1).flatten(0, 2)  # [L, head_dim/2], tokens in (frame, row, col) order
     return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair of neighbouring channels (2k, 2k+1) of x [B, heads, L, head_dim] by its angle (float32).
-
-    Eagerly, each pair is read as the complex number x[2k] + i x[2k+1] and multiplied by cos + i sin: one vectorised
-    kernel, where the same rotation in real arithmetic needs strided reads and an interleaving copy (about 5x the
-    time on a CPU, bench/RESULTS.md). Under torch.compile the real form is used: inductor fuses it into its
-    neighbours but cannot generate code for complex numbers. Both give the same values.
-    """
-    if torch.compiler.is_compiling():
-        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).type_as(x)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
