@@ -9,7 +9,9 @@ from torch import Tensor
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [B, H, S, head_dim] by its angle (cos, sin broadcast against [.., S, head_dim / 2]), in float32.
+    """Rotate consecutive channel pairs (x[2i], x[2i+1]) of x [B, H, S, head_dim] by their angles, in float32.
+
+    cos and sin broadcast against [..., S, head_dim / 2] (one angle per token and pair).
 
     Eagerly, each pair is read as the complex number x[2i] + i x[2i+1] and multiplied by cos + i sin: one vectorised
     kernel, where the same rotation in real arithmetic needs strided reads and an interleaving copy (about 5x the
