@@ -122,6 +122,14 @@ class Backbone:
             return self.vae.decode(latent, tile=tile, overlap=tile // 4).float().clamp(-1, 1)
         return self.vae.decode(latent).float().clamp(-1, 1)
 
+    def latent_shape(self, size: tuple[int, int], frames: int | None = None) -> tuple[int, ...]:
+        """The latent shape (without batch) of images of `size` (H, W), or of clips of `frames` frames (Wan)."""
+        if self.kind == "flux":
+            down = self.vae.downscale
+            return (self.vae.params.z_channels, size[0] // down, size[1] // down)
+        down, time = self.vae.spatial_factor, self.vae.temporal_factor
+        return (self.vae.config.z_dim, (frames - 1) // time + 1, size[0] // down, size[1] // down)
+
     def check_pixels(self, pixels: Tensor) -> None:
         """One clear error for an input the DiT cannot take (sizes must be multiples of 16; Wan: 4k+1 frames)."""
         ndim = 4 if self.kind == "flux" else 5

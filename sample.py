@@ -224,7 +224,8 @@ def restore_image(bb, velocity, image: torch.Tensor, args, tile: int, label: str
     large = max(pixels.shape[-2:]) > tile
     y = bb.encode(pixels, tile=tile if large else None)
     eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(args.seed)).to(y.device)
-    velocity = tiled_velocity(velocity, tile // 8, tile // 32) if large else velocity
+    down = bb.vae.downscale  # image pixels per latent pixel
+    velocity = tiled_velocity(velocity, tile // down, tile // (4 * down)) if large else velocity
     progress = Progress(args.steps, label, enabled=args.rank == 0)
     x0 = bridge.sample(velocity, y, eps, args.t0, args.t_min, args.steps, on_step=progress)
     out = bb.decode(x0, tile=tile if large else None)

@@ -174,11 +174,6 @@ class LatentSource:
         return latents[0], latents[1]
 
 
-def latent_shape(bb: backbones.Backbone, size: tuple[int, int], frames: int | None) -> tuple[int, ...]:
-    height, width = size[0] // 8, size[1] // 8
-    return (16, height, width) if frames is None else (16, (frames - 1) // 4 + 1, height, width)
-
-
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -274,7 +269,7 @@ def train(args: argparse.Namespace) -> Run:
     identity = {k: str(getattr(args, k)) for k in ("backbone", "preset", "weights", "data", "synthetic", "degradation",
                                                    "size", "frames", "seed")}
     source = LatentSource(bb, dataset, args.latent_cache, identity, args.seed)
-    shape = latent_shape(bb, args.size, args.frames)
+    shape = bb.latent_shape(args.size, args.frames)
 
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out / "checkpoint.safetensors"
