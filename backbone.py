@@ -208,16 +208,21 @@ def load_wan(
     device: torch.device | str = "cpu",
     text_cache: str | os.PathLike | None = None,
     keep_text_encoders: bool = False,
-    config: str = "wan2.1-t2v-1.3b",
     context_len: int = 226,
 ) -> Backbone:
     """Wan2.1-T2V from an official snapshot folder. `context_len`: the empty prompt's UMT5 states are zero-padded
     to this many tokens; 226 is what the paper's authors used (and what their released prompts expect), the
-    official Wan pipeline pads to 512. The UMT5 encoder runs once and is freed (unless `keep_text_encoders`, for
-    the text-token baseline); the VAE stays float32."""
+    official Wan pipeline pads to 512. Which published size (1.3B or 14B) is read from the checkpoint's header.
+    The UMT5 encoder runs once and is freed (unless `keep_text_encoders`, for the text-token baseline); the VAE
+    stays float32."""
     snapshot = Path(snapshot)
     txt = text.wan_text([""], snapshot, context_len, device=device, dtype=dtype, cache_dir=text_cache)
     path = weights.find_file(snapshot, ["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"])
+    width = weights.tensor_shape(path, "patch_embedding.weight")[0]
+    sizes = {c.dim: name for name, c in wan_model.CONFIGS.items()}
+    if width not in sizes:
+        raise weights.CheckpointError(f"{path}: a Wan DiT of width {width}; the published sizes are {sizes}")
+    config = sizes[width]
     dit = weights.build(wan_model.WanModel, wan_model.CONFIGS[config], path, dtype=dtype, device=device)
     vae = weights.build(WanVAE, wan_vae.CONFIGS["wan2.1"], weights.find_file(snapshot, wan_vae.CHECKPOINT_NAMES.values()),
                         dtype=torch.float32, device=device)

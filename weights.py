@@ -78,6 +78,22 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def tensor_shape(path: str | os.PathLike, key: str) -> tuple[int, ...]:
+    """The shape of one tensor of a safetensors checkpoint (single file or `*.index.json`), read from the header
+    without loading any tensor: e.g. to tell which published size a snapshot holds."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        try:
+            path = path.parent / json.loads(path.read_text())["weight_map"][key]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: no tensor {key!r} in this shard index ({err})") from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} from the header: {err}") from None
+
+
 def find_file(folder: str | os.PathLike, names: Iterable[str]) -> Path:
     """The first of `names` (file names or glob patterns) that exists in `folder`, e.g. a snapshot folder."""
     folder = Path(folder)

@@ -160,3 +160,14 @@ def test_find_file_in_snapshot(tmp_path):
     assert weights.find_file(tmp_path, ["flux1-dev.safetensors", "flux1-schnell.safetensors"]).name == "flux1-schnell.safetensors"
     with pytest.raises(CheckpointError, match=r"none of \['flux1-dev.safetensors'\] found"):
         weights.find_file(tmp_path / "..", ["flux1-dev.safetensors"])
+
+
+def test_tensor_shape_reads_only_the_header(tmp_path):
+    state = tiny_state()
+    weights.save_safetensors(state, tmp_path / "one.safetensors")
+    assert weights.tensor_shape(tmp_path / "one.safetensors", "b.2.weight") == (2, 5)
+    save_file({"a.weight": state["a.weight"]}, tmp_path / "s1.safetensors")
+    (tmp_path / "m.index.json").write_text(json.dumps({"weight_map": {"a.weight": "s1.safetensors"}}))
+    assert weights.tensor_shape(tmp_path / "m.index.json", "a.weight") == (4, 3)
+    with pytest.raises(CheckpointError, match="no tensor 'nope'"):
+        weights.tensor_shape(tmp_path / "m.index.json", "nope")
