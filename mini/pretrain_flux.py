@@ -46,11 +46,16 @@ FLUX = flux_model.FluxParams(
     guidance_embed=False,
 )
 POOL_CROP = 256  # the latent pool holds crops of POOL_CROP px -> latents [16, 32, 32]
+# Captions (--captions, an experiment; the shipped transformer has none): each crop is described by three words,
+# its brightness, contrast and colourfulness, each one of CAPTION_BINS levels (quantiles over the pool), the way
+# real captions say "dark", "hazy", "vivid".
+CAPTION_BINS = 5
+CAPTION_DROP = 0.1  # share of samples trained on the empty prompt: the unconditional model restoration starts from
 WINDOWS = ((16, 16), (16, 16), (16, 16), (32, 4))  # (latent side, batch) of steps 0, 1, 2, 3 mod 4
 
 
-def make_text_encoders(folder: Path, seed: int) -> tuple[Tensor, Tensor]:
-    """Create, save and reload the seeded random text encoders; return the empty-prompt conditioning
+def make_text_encoders(folder: Path, seed: int) -> tuple[T5Encoder, CLIPTextEncoder, Tensor, Tensor]:
+    """Create, save and reload the seeded random text encoders; return them and the empty-prompt conditioning
     (txt [1, TEXT_LEN, 64], pooled [1, 32]) exactly as `backbone.load_miniature` computes it."""
     torch.manual_seed(seed)
     weights.save_safetensors(T5Encoder(T5).state_dict(), folder / "t5.safetensors")
@@ -61,15 +66,42 @@ def make_text_encoders(folder: Path, seed: int) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         txt = t5(text.empty_t5_ids(TEXT_LEN))
         _, pooled = clip(text.empty_clip_ids(clip.config))
-    return txt, pooled
+    return t5, clip, txt, pooled
 
 
 @torch.no_grad()
-def latent_pool(ae: AutoEncoder, count: int, generator: torch.Generator) -> Tensor:
-    """[count, 16, 32, 32] normalised latents (posterior means) of random POOL_CROP px TRAIN crops."""
+def latent_pool(ae: AutoEncoder, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """[count, 16, 32, 32] normalised latents (posterior means) of random POOL_CROP px TRAIN crops, and their
+    statistics [count, 3] (`crop_statistics`)."""
     train_images = [images.load(name) for name in images.TRAIN]
     crops = images.random_crops(train_images, count, POOL_CROP, generator)
-    return torch.cat([ae.encode(chunk * 2 - 1) for chunk in crops.split(16)])
+    return torch.cat([ae.encode(chunk * 2 - 1) for chunk in crops.split(16)]), crop_statistics(crops)
+
+
+def crop_statistics(crops: Tensor) -> Tensor:
+    """[N, 3]: mean luminance (brightness), its standard deviation (contrast) and the mean of max - min over the
+    RGB channels (colourfulness) of crops [N, 3, H, W] in [0, 1]."""
+    luminance = (crops * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1)
+    colour = (crops.amax(1) - crops.amin(1)).mean((1, 2))
+    return torch.stack([luminance.mean((1, 2)), luminance.std((1, 2)), colour], dim=1)
+
+
+@torch.no_grad()
+def captions(statistics: Tensor, t5: T5Encoder, clip: CLIPTextEncoder) -> tuple[Tensor, Tensor]:
+    """The conditioning of each pool crop's caption: txt [N, TEXT_LEN, 64], pooled [N, 32]. Statistic k in level
+    b (of CAPTION_BINS, by quantiles over the pool) is word 2 + k * CAPTION_BINS + b of both tiny vocabularies;
+    a caption is its three words, then </s> and padding (T5), or between start and end tokens (CLIP)."""
+    quantiles = torch.linspace(0, 1, CAPTION_BINS + 1)[1:-1]
+    edges = torch.quantile(statistics, quantiles, dim=0).T.contiguous()  # [3, CAPTION_BINS - 1]
+    levels = torch.stack([torch.bucketize(statistics[:, k].contiguous(), edges[k]) for k in range(3)], dim=1)
+    words = 2 + torch.arange(3) * CAPTION_BINS + levels  # [N, 3]
+    t5_ids = text.empty_t5_ids(TEXT_LEN).repeat(len(words), 1)
+    t5_ids = torch.cat([words, t5_ids[:, : TEXT_LEN - 3]], dim=1)  # words, </s>, <pad> ...
+    clip_ids = text.empty_clip_ids(clip.config).repeat(len(words), 1)
+    clip_ids = torch.cat([clip_ids[:, :1], words, clip_ids[:, 1:-3]], dim=1)  # start, words, end ...
+    txt = torch.cat([t5(ids) for ids in t5_ids.split(64)])
+    pooled = torch.cat([clip(ids)[1] for ids in clip_ids.split(64)])
+    return txt, pooled
 
 
 def new_flux(seed: int) -> flux_model.Flux:
@@ -97,12 +129,26 @@ def velocity(model: flux_model.Flux, x: Tensor, t: Tensor, txt: Tensor, pooled: 
     return flux_model.unpack(v, height, width)
 
 
-def training_batch(pool: Tensor, step: int, generator: torch.Generator) -> Tensor:
-    """A batch of latent windows [B, 16, side, side] from random pool entries at random offsets."""
+def training_batch(pool: Tensor, step: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A batch of latent windows [B, 16, side, side] from random pool entries at random offsets, and the entries'
+    indices [B] (for their captions)."""
     side, batch = WINDOWS[step % len(WINDOWS)]
     index = torch.randint(len(pool), (batch,), generator=generator)
     offsets = torch.randint(pool.shape[-1] - side + 1, (batch, 2), generator=generator)
-    return torch.stack([pool[i, :, r : r + side, c : c + side] for i, (r, c) in zip(index.tolist(), offsets.tolist())])
+    windows = [pool[i, :, r : r + side, c : c + side] for i, (r, c) in zip(index.tolist(), offsets.tolist())]
+    return torch.stack(windows), index
+
+
+def conditioning(index: Tensor, pool_txt: Tensor | None, pool_pooled: Tensor | None, txt: Tensor, pooled: Tensor,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The captions' conditioning of pool entries `index` [B], each replaced by the empty prompt's (txt, pooled)
+    with probability CAPTION_DROP: ([B, TEXT_LEN, 64], [B, 32]). Without captions (None) the empty prompt's,
+    drawing nothing from `generator`."""
+    if pool_txt is None:
+        return txt, pooled
+    empty = torch.rand(len(index), generator=generator) < CAPTION_DROP
+    return (torch.where(empty[:, None, None], txt, pool_txt[index]),
+            torch.where(empty[:, None], pooled, pool_pooled[index]))
 
 
 def flow_loss(model: flux_model.Flux, x0: Tensor, txt: Tensor, pooled: Tensor, generator: torch.Generator) -> Tensor:
@@ -120,14 +166,19 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p, 1 - decay)
 
 
-def train(model: flux_model.Flux, pool: Tensor, txt: Tensor, pooled: Tensor, steps: int, lr: float,
-          ema_decay: float, generator: torch.Generator, log_every: int = 50) -> tuple[nn.Module, list[float]]:
-    """Train `model` in place; returns (the EMA model, the loss of every step)."""
+def train(model: flux_model.Flux, pool: Tensor, pool_txt: Tensor | None, pool_pooled: Tensor | None, txt: Tensor,
+          pooled: Tensor,
+          steps: int, lr: float, ema_decay: float, generator: torch.Generator,
+          log_every: int = 50) -> tuple[nn.Module, list[float]]:
+    """Train `model` in place on the pool's latents under the empty prompt (txt, pooled), or under their captions
+    (pool_txt, pool_pooled, not None) with a CAPTION_DROP share of empty prompts; returns (the EMA model, the loss
+    of every step)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses, start = [], time.time()
     for step in range(steps):
-        loss = flow_loss(model, training_batch(pool, step, generator), txt, pooled, generator)
+        x0, index = training_batch(pool, step, generator)
+        loss = flow_loss(model, x0, *conditioning(index, pool_txt, pool_pooled, txt, pooled, generator), generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
         optimizer.zero_grad(set_to_none=True)
@@ -147,7 +198,7 @@ def train(model: flux_model.Flux, pool: Tensor, txt: Tensor, pooled: Tensor, ste
 def probe_loss(model: nn.Module, pool: Tensor, txt: Tensor, pooled: Tensor, seed: int, batches: int = 8) -> float:
     """The flow loss on fixed draws (same windows, times and noise for every model compared)."""
     generator = torch.Generator().manual_seed(seed)
-    losses = [flow_loss(model, training_batch(pool, i, generator), txt, pooled, generator) for i in range(batches)]
+    losses = [flow_loss(model, training_batch(pool, i, generator)[0], txt, pooled, generator) for i in range(batches)]
     return round(torch.stack(losses).mean().item(), 4)
 
 
@@ -160,22 +211,25 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay (default: %(default)s)")
     p.add_argument("--pool", type=int, default=1024, help="latent pool size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", action="store_true", help="an experiment (mini/README.md): condition on three "
+                   "words describing each crop's brightness, contrast and colourfulness, 10%% empty prompts")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     start = time.time()
-    txt, pooled = make_text_encoders(args.out, args.seed)
+    t5, clip, txt, pooled = make_text_encoders(args.out, args.seed)
     spec = json.loads((args.out / "miniature.json").read_text())
     ae = weights.build(AutoEncoder, AutoEncoderParams(**spec["autoencoder"]), args.out / "ae.safetensors")
     generator = torch.Generator().manual_seed(args.seed)
-    pool = latent_pool(ae, args.pool, generator)
+    pool, statistics = latent_pool(ae, args.pool, generator)
+    pool_txt, pool_pooled = captions(statistics, t5, clip) if args.captions else (None, None)
     print(f"latent pool {list(pool.shape)}: mean {pool.mean():.3f}, std {pool.std():.3f}; "
           f"{(time.time() - start) / 60:.1f} min", flush=True)
 
     model = new_flux(args.seed)
-    ema, losses = train(model, pool, txt, pooled, args.steps, args.lr, args.ema, generator)
+    ema, losses = train(model, pool, pool_txt, pool_pooled, txt, pooled, args.steps, args.lr, args.ema, generator)
     weights.save_safetensors(ema.state_dict(), args.out / "flux.safetensors")
     update_json(args.out / "miniature.json", flux=asdict(FLUX))
 
