@@ -1,0 +1,124 @@
+"""Miniature, stage 2a: learn the restoration prompts (the method and its prompt-learning baselines) with train.py.
+
+    python -m mini.images --train mini/train          # once: the training photographs as PNGs (git-ignored)
+    python -m mini.learn_prompts --threads 1          # 16 runs: 4 degradations x 4 methods
+
+For every degradation (noise, blur, haze, lowlight) and method, one `train.py` run on the frozen miniature with
+clean training crops degraded on the fly (`--synthetic`), all with the same settings (`SETTINGS`, chosen by a
+short pilot on haze, see mini/README.md):
+
+    deep   --site deep                 the authors' deep prompt bank on the bridge (the method)
+    text   --site text                 offsets on the text encoders' output, on the bridge (the abstract's form)
+    naive  --site deep --path naive    the deep prompt trained on the model's own forward path from the degraded latent
+    token  --site token                the text-token baseline: 15 input embeddings (one position is </s>) through
+                                       the frozen tiny encoders
+
+Runs go to mini/runs/{degradation}-{method}/ (git-ignored: log.jsonl, checkpoint). The learned prompts are copied
+to mini/prompts/baselines/{degradation}-{method}.safetensors, and the deep ones also to
+mini/prompts/{degradation}.safetensors: the shipped prompts that `python sample.py --image x.png` uses by default.
+Wall times go to mini/prompts/baselines/runs.json. A run whose prompt file already exists is skipped (--force
+redoes it).
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT / "mini"
+DEGRADATIONS = ("noise", "blur", "haze", "lowlight")
+METHODS = {  # method -> train.py flags that make it
+    "deep": ["--site", "deep"],
+    "text": ["--site", "text"],
+    "naive": ["--site", "deep", "--path", "naive"],
+    "token": ["--site", "token"],
+}
+# One set of optimisation settings for every run (fairness), picked by the pilot described in mini/README.md.
+SETTINGS = {"steps": 400, "batch": 4, "lr": 1e-2}
+PROMPT_LEN = 16  # the miniature's text length: a longer deep prompt would be cut to it
+# The text-token baseline splices its vectors in before the end-of-text token, so one position fewer is free.
+TOKEN_PROMPT_LEN = PROMPT_LEN - 1
+
+
+def train_args(degradation: str, method: str, out: Path, settings: dict = SETTINGS) -> list[str]:
+    """train.py's command line for one run."""
+    return [
+        "--backbone", "flux", "--weights", str(MINI), "--data", str(MINI / "train"), "--synthetic",
+        "--degradation", degradation,
+        "--prompt-len", str(TOKEN_PROMPT_LEN if method == "token" else PROMPT_LEN), "--size", "128", "128", "--seed", "0",
+        "--steps", str(settings["steps"]), "--batch", str(settings["batch"]), "--lr", str(settings["lr"]),
+        "--save-every", str(settings["steps"]), "--log-every", "50", "--out", str(out), *METHODS[method],
+    ]
+
+
+def run_name(degradation: str, method: str, steps: int = SETTINGS["steps"]) -> str:
+    """"haze-deep" for the table's runs; "haze-deep-1600" for a longer run (not shipped, not in the table)."""
+    return f"{degradation}-{method}" + ("" if steps == SETTINGS["steps"] else f"-{steps}")
+
+
+def baseline_path(degradation: str, method: str, steps: int = SETTINGS["steps"]) -> Path:
+    return MINI / "prompts" / "baselines" / f"{run_name(degradation, method, steps)}.safetensors"
+
+
+def run(degradation: str, method: str, threads: int, steps: int) -> float:
+    """One train.py run in a subprocess (OMP_NUM_THREADS = threads); copies its prompt; returns the wall time."""
+    out = MINI / "runs" / run_name(degradation, method, steps)
+    if out.exists():
+        shutil.rmtree(out)  # a fresh run, not a resumed or appended one
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.time()
+    args = train_args(degradation, method, out, {**SETTINGS, "steps": steps})
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, check=True)
+    seconds = time.time() - start
+    target = baseline_path(degradation, method, steps)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "prompt.safetensors", target)
+    if method == "deep" and steps == SETTINGS["steps"]:
+        shutil.copyfile(out / "prompt.safetensors", MINI / "prompts" / f"{degradation}.safetensors")
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--degradation", nargs="+", choices=DEGRADATIONS, default=list(DEGRADATIONS))
+    p.add_argument("--method", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=SETTINGS["steps"],
+                   help="training steps (default: %(default)s, the table's; other counts are kept apart as "
+                   "baselines/{degradation}-{method}-{steps}.safetensors and never shipped)")
+    p.add_argument("--force", action="store_true", help="redo runs whose prompt file exists")
+    args = p.parse_args()
+    if not (MINI / "train").is_dir():
+        sys.exit("mini/train/ is missing: run `python -m mini.images --train mini/train` first")
+
+    for degradation in args.degradation:
+        for method in args.method:
+            name = run_name(degradation, method, args.steps)
+            if baseline_path(degradation, method, args.steps).exists() and not args.force:
+                print(f"{name}: exists, skipped")
+                continue
+            seconds = run(degradation, method, args.threads, args.steps)
+            record_run(name, {"wall_s": round(seconds, 1), "threads": args.threads, **SETTINGS, "steps": args.steps})
+            print(f"{name}: {seconds / 60:.1f} min", flush=True)
+
+
+def record_run(name: str, entry: dict) -> None:
+    """Add one run's entry to mini/prompts/baselines/runs.json (locked: several recipes may run side by side)."""
+    path = MINI / "prompts" / "baselines" / "runs.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (MINI / "runs").mkdir(exist_ok=True)
+    with open(MINI / "runs" / "runs.json.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record[name] = entry
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
