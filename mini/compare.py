@@ -21,6 +21,9 @@ t_min 1e-4, seed 0); the ceiling and the restoration net do not sample:
     net       a plain residual CNN with as many trainable parameters as a deep prompt, trained directly in pixels
     default   what `python sample.py --image x.png` does: all four shipped deep prompts, velocities averaged
 
+Beside the table: the prompts trained 4x longer, where `mini.learn_prompts --steps 1600` made them
+(`longer_rows`), and how far the text stream moves the model's velocity (`text_leverage`).
+
 Writes mini/results.json (settings, per-image and mean figures), mini/RESULTS.md (the tables), mini/grid.png
 (rows: degradations; columns: input, every method, the clean crop) and mini/example.png (the degraded crop on
 which the default restoration gains the most over its input).
@@ -43,9 +46,9 @@ import data
 import sample
 import weights
 from mini import images
-from prompts import load_prompt
 from mini.learn_prompts import DEGRADATIONS, MINI, SETTINGS, baseline_path
 from mini.restoration_net import load_net
+from prompts import load_prompt
 
 EVAL_SEEDS = {"chelsea": 100, "coffee": 101, "flower": 102, "kodim23": 103}  # generator seed of each crop's degradation
 ROWS = {
