@@ -2,6 +2,9 @@
 something that random weights could not show (reconstruction, denoising)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +12,13 @@ import torch
 
 import backbone
 import bridge
+import data
+import prompts
+import sample
 import weights
-from mini import images
+from mini import compare, images
 from mini.pretrain_ae import psnr
+from mini.restoration_net import RestorationNet
 from model import flux as flux_model
 from model.autoencoder import AutoEncoder, AutoEncoderParams
 from model.clip import CLIPTextConfig, CLIPTextEncoder
@@ -91,7 +98,7 @@ TABLE_TOLERANCE_DB = 0.05
 
 @pytest.fixture
 def one_thread():
-    """The figures were made with 1 thread; on the shared 2-core machine more threads only add contention."""
+    """The table's protocol: 1 thread (2 threads were measured to give the same figures)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -99,7 +106,6 @@ def one_thread():
 
 
 def _psnr_rgb(restored, clean) -> float:
-    import sample
     return sample.measure(restored, clean, False, None)["psnr"]
 
 
@@ -107,14 +113,10 @@ def test_shipped_prompt_reproduces_the_table(tmp_path, one_thread):
     """One figure of the README table, recomputed from the shipped weights and one shipped deep prompt with the
     table's protocol: the four held-out crops degraded from their fixed seeds, `sample.py --eval` with the default
     sampler settings, the mean PSNR over the crops."""
-    import json as json_module
-
-    import sample
-    from mini import compare
     degradation = "lowlight"
     manifest = compare.build_eval_sets(tmp_path / "eval", [degradation])[degradation]
     sample.main(["--eval", str(manifest), "--prompt", degradation, "-o", str(tmp_path / "out")])
-    items = json_module.loads((tmp_path / "out" / "results.json").read_text())["items"]
+    items = json.loads((tmp_path / "out" / "results.json").read_text())["items"]
     score = sum(item["psnr"] for item in items) / len(items)
     recorded = RESULTS["mean"]["deep"][degradation]["psnr"]
     print(f"{degradation}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
@@ -125,11 +127,6 @@ def test_shipped_prompt_reproduces_the_table(tmp_path, one_thread):
 def test_default_command_beats_the_degraded_input(tmp_path):
     """README's first command, `python sample.py --image mini/example.png`, run as a user would (no backbone, no
     prompt: the shipped miniature and all its prompts), restores better than the degraded input it was given."""
-    import os
-    import subprocess
-    import sys
-
-    import data
     root = MINI.parent
     out = tmp_path / "restored.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -144,8 +141,6 @@ def test_default_command_beats_the_degraded_input(tmp_path):
 
 def test_restoration_net_is_prompt_sized():
     """The pixel-space baseline has about as many trainable parameters as one deep prompt (16 x 128 + 8 = 2056)."""
-    import prompts
-    from mini.restoration_net import RestorationNet
     deep = prompts.DeepPrompt(num_blocks=8, length=16, width=SPEC["flux"]["hidden_size"])
     deep_count = sum(p.numel() for p in deep.parameters())
     net_count = sum(p.numel() for p in RestorationNet().parameters())
