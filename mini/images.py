@@ -1,60 +1,72 @@
-"""The miniature's data: clean RGB photographs that ship inside pip wheels, and their fixed train / held-out split.
+"""The miniatures' data: a folder of real photographs for training, the standard evaluation sets for testing.
 
-    python -m mini.images --train mini/train --heldout mini/heldout      # write both folders as PNGs
+    python -m mini.images --eval-crops ../shared/data/eval      # how many 256 px evaluation crops each set gives
 
-Sources (read straight from the installed packages' data folders; nothing is downloaded):
-  scikit-image  `skimage/data/`                   (pip install scikit-image)
-  scikit-learn  `sklearn/datasets/images/`        (pip install scikit-learn)
-  sporco        `sporco/data/`                    (pip install --no-deps sporco: only its data files are used)
-
-HELDOUT images are never seen by any training stage: the autoencoder, the transformer and the prompts all train
-on TRAIN only. Evaluation uses the fixed 256 x 256 centre crops written to `mini/heldout/` (committed).
-Only RGB photographs are used; grayscale images (e.g. skimage's `camera`) are left out, not converted.
+Training reads every JPEG/PNG under a folder given on the command line (the project uses the ~500 photographs of
+`shared/data/photos/`: BSDS500, LIVE1, Debian wallpapers, OpenCV samples; sources and licences in mini/README.md);
+the photos are never committed. Evaluation uses only
+  - `eval/` sets (CBSD68, Kodak24, McMaster18; never trained on): fixed 256 x 256 centre crops, and
+  - `mini/heldout/` (committed): four 256 x 256 crops of photos that ship in pip wheels (chelsea, coffee, flower,
+    kodim23), the pictures of the README.
+Photos are kept in memory as uint8 (about 250 MB for the 500); crops are drawn from one seeded generator.
 """
 
 import argparse
-import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-import data
-
-# name -> (package, file inside the package, licence as documented by the package)
-SOURCES = {
-    "astronaut": ("skimage", "data/astronaut.png", "public domain (NASA)"),
-    "chelsea": ("skimage", "data/chelsea.png", "CC0 (Stefan van der Walt)"),
-    "coffee": ("skimage", "data/coffee.png", "CC0 (Rachel Michetti)"),
-    "rocket": ("skimage", "data/rocket.jpg", "public domain (SpaceX)"),
-    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg", "public domain (NASA)"),
-    "immunohistochemistry": ("skimage", "data/ihc.png", "no known copyright restrictions"),
-    "retina": ("skimage", "data/retina.jpg", "CC0 (Mikael Haggstrom)"),
-    "china": ("sklearn", "datasets/images/china.jpg", "CC-BY 2.0 (danielbuechele, Flickr)"),
-    "flower": ("sklearn", "datasets/images/flower.jpg", "CC-BY 2.0 (vultilion, Flickr)"),
-    "barbara": ("sporco", "data/barbara.png", "believed freely redistributable (attributed to Allen Gersho)"),
-    "kodim23": ("sporco", "data/kodim23.png", "Kodak test image, released for unrestricted use"),
-    "monarch": ("sporco", "data/monarch.png", "Waterloo BragZone, free of copyright restrictions"),
-    "sail": ("sporco", "data/sail.png", "Waterloo BragZone, free of copyright restrictions"),
-    "tulips": ("sporco", "data/tulips.png", "Waterloo BragZone, free of copyright restrictions"),
-}
 HELDOUT = ("chelsea", "coffee", "flower", "kodim23")
-TRAIN = tuple(name for name in SOURCES if name not in HELDOUT)
-HELDOUT_SIZE = 256  # side of the held-out centre crops
+HELDOUT_FOLDER = Path(__file__).parent / "heldout"
+EVAL_SIZE = 256  # side of every evaluation crop
+SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def source_path(name: str) -> Path:
-    """The file of source image `name` inside its installed package (the package is located, not imported)."""
-    package, relative, _ = SOURCES[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise ValueError(f"image {name!r} ships with the package {package!r}, which is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / relative
+def load_rgb(path: Path) -> Tensor:
+    """One image file as uint8 [3, H, W] (EXIF orientation applied; grayscale and alpha converted to RGB: these are
+    the recipe's own training photos, not a user's input)."""
+    from PIL import ImageOps
+
+    with Image.open(path) as image:
+        pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
-def load(name: str) -> Tensor:
-    """Source image `name` as float32 [3, H, W] in [0, 1]."""
-    return data.read_image(source_path(name))
+def photo_paths(folder: str | Path) -> list[Path]:
+    """Every image file under `folder` (recursively), sorted, so that the pool's order does not depend on the disk."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES)
+    if not paths:
+        raise SystemExit(f"error: no .jpg/.png photographs under {folder}")
+    return paths
+
+
+def load_photos(folder: str | Path, min_side: int = 128) -> list[Tensor]:
+    """Every photo under `folder` as uint8 [3, H, W]; photos whose short side is under `min_side` are left out."""
+    photos = [load_rgb(p) for p in photo_paths(folder)]
+    return [p for p in photos if min(p.shape[1:]) >= min_side]
+
+
+def random_crops(photos: list[Tensor], count: int, size: int, generator: torch.Generator,
+                 scales: tuple[float, ...] = (1.0,)) -> Tensor:
+    """`count` random crops [count, 3, size, size] in [0, 1]. Each comes from a random photo: a square of side
+    size * s (s drawn from `scales`, capped by the photo) resized to `size` (bilinear with antialias when it shrinks),
+    mirrored left-right with probability 1/2. Several scales show the model both fine texture and whole-scene layout."""
+    crops = []
+    for _ in range(count):
+        photo = photos[torch.randint(len(photos), (1,), generator=generator).item()]
+        scale = scales[torch.randint(len(scales), (1,), generator=generator).item()]
+        side = min(round(size * scale), *photo.shape[1:])
+        top = torch.randint(photo.shape[1] - side + 1, (1,), generator=generator).item()
+        left = torch.randint(photo.shape[2] - side + 1, (1,), generator=generator).item()
+        crop = photo[:, top : top + side, left : left + side].float().div(255)
+        if side != size:
+            crop = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                                   antialias=True, align_corners=False)[0].clamp(0, 1)
+        crops.append(crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop)
+    return torch.stack(crops)
 
 
 def centre_crop(image: Tensor, size: int) -> Tensor:
@@ -63,37 +75,30 @@ def centre_crop(image: Tensor, size: int) -> Tensor:
     return image[:, top : top + size, left : left + size]
 
 
-def random_crops(images: list[Tensor], count: int, size: int, generator: torch.Generator) -> Tensor:
-    """`count` random size x size crops [count, 3, size, size] in [0, 1], each from a random image of `images`,
-    mirrored left-right with probability 1/2. All draws come from `generator`."""
-    crops = []
-    for _ in range(count):
-        image = images[torch.randint(len(images), (1,), generator=generator).item()]
-        top = torch.randint(image.shape[1] - size + 1, (1,), generator=generator).item()
-        left = torch.randint(image.shape[2] - size + 1, (1,), generator=generator).item()
-        crop = image[:, top : top + size, left : left + size]
-        crops.append(crop.flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop)
-    return torch.stack(crops)
+def eval_crops(eval_folder: str | Path, sets: tuple[str, ...] = ("kodak24", "cbsd68")) -> dict[str, Tensor]:
+    """'set/name' -> the 256 x 256 centre crop [3, 256, 256] in [0, 1] of every image of the chosen eval sets."""
+    crops = {}
+    for name in sets:
+        for path in photo_paths(Path(eval_folder) / name):
+            crops[f"{name}/{path.stem}"] = centre_crop(load_rgb(path), EVAL_SIZE).float().div(255)
+    return crops
 
 
-def heldout_crops(folder: str | Path = Path(__file__).parent / "heldout") -> dict[str, Tensor]:
+def heldout_crops(folder: str | Path = HELDOUT_FOLDER) -> dict[str, Tensor]:
     """The committed held-out crops, name -> [3, 256, 256] in [0, 1]."""
-    return {name: data.read_image(Path(folder) / f"{name}.png") for name in HELDOUT}
+    return {name: load_rgb(Path(folder) / f"{name}.png").float().div(255) for name in HELDOUT}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=Path, help="write the training images (whole) here")
-    p.add_argument("--heldout", type=Path, help=f"write the held-out {HELDOUT_SIZE}px centre crops here")
+    p.add_argument("--photos", type=Path, help="count the training photos under this folder")
+    p.add_argument("--eval-crops", type=Path, metavar="EVAL", help="count the evaluation crops of this eval/ folder")
     args = p.parse_args()
-    for folder, names, crop in ((args.train, TRAIN, None), (args.heldout, HELDOUT, HELDOUT_SIZE)):
-        if folder is None:
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            image = load(name) if crop is None else centre_crop(load(name), crop)
-            data.write_image(folder / f"{name}.png", image)
-        print(f"wrote {len(names)} images to {folder}")
+    if args.photos:
+        photos = load_photos(args.photos)
+        print(f"{len(photos)} photos, {sum(p.numel() for p in photos) / 2**20:.0f} MiB as uint8")
+    if args.eval_crops:
+        print(f"{len(eval_crops(args.eval_crops))} evaluation crops")
 
 
 if __name__ == "__main__":
