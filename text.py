@@ -165,6 +165,23 @@ def empty_clip_ids(config: clip.CLIPTextConfig) -> torch.Tensor:
     return ids
 
 
+def caption_ids(words: list[str], vocabulary: dict[str, int], length: int,
+                clip_config: clip.CLIPTextConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of a caption for the miniature's tokenizer-less encoders, whose vocabulary is a few whole words
+    (`vocabulary`: word -> id, recorded in miniature.json): T5 [1, length] = [w_1 .. w_n, </s>, <pad> ...] and
+    CLIP [1, max_positions] = [<start>, w_1 .. w_n, <end> ...]. No words gives the empty prompt's ids."""
+    unknown = [w for w in words if w not in vocabulary]
+    if unknown:
+        raise ValueError(f"the miniature's vocabulary has no word {unknown[0]!r}; its words: {', '.join(vocabulary)}")
+    if len(words) >= min(length, clip_config.max_positions - 1):
+        raise ValueError(f"a caption of {len(words)} words does not fit the miniature's {length} text tokens")
+    ids = torch.tensor([[vocabulary[w] for w in words]], dtype=torch.long)
+    t5_ids = torch.cat([ids, empty_t5_ids(length)[:, : length - len(words)]], dim=1)
+    clip_empty = empty_clip_ids(clip_config)
+    clip_ids = torch.cat([clip_empty[:, :1], ids, clip_empty[:, 1 : clip_config.max_positions - len(words)]], dim=1)
+    return t5_ids, clip_ids
+
+
 def load_t5(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> t5.T5Encoder:
     """FLUX's T5-v1.1-XXL from its `text_encoder_2/` folder (sharded index or single file), in eval mode."""
     path = find_file(folder, ["model.safetensors.index.json", "model.safetensors"])
