@@ -724,19 +724,22 @@ class Synthetic:
     `sources`: a folder (its images; for video, its video files and frame sub-folders), or a list whose
     elements are paths (image files; for video, video files or frame folders) or tensors ([3, H, W]; for video
     [3, F, H, W]). The clean source is cropped first (start frame, then corner), then degraded with the same
-    generator, so the pair is a pure function of (index, generator state).
+    generator, so the pair is a pure function of (index, generator state). Several degradations (a list) make a
+    mixture, as for an all-in-one prompt: each pair draws one of them uniformly (after the crop) and applies it.
     """
 
     def __init__(
         self,
         sources: str | os.PathLike | Sequence[str | os.PathLike | Tensor],
-        degradation: str,
+        degradation: str | Sequence[str],
         size: int | tuple[int, int] | None,
         frames: int | None = None,
     ):
-        if degradation not in DEGRADATIONS:
-            raise ValueError(f"unknown degradation {degradation!r}; choose from {sorted(DEGRADATIONS)}")
-        self.degrade = DEGRADATIONS[degradation]
+        names = [degradation] if isinstance(degradation, str) else list(degradation)
+        unknown = [name for name in names if name not in DEGRADATIONS]
+        if unknown or not names:
+            raise ValueError(f"unknown degradation {unknown[0] if unknown else names!r}; choose from {sorted(DEGRADATIONS)}")
+        self.degradations = [DEGRADATIONS[name] for name in names]
         self.size, self.frames = _check_size(size), _check_frames(frames)
         if isinstance(sources, (str, os.PathLike)):
             sources = list_images(sources) if frames is None else list_videos(sources)
@@ -759,7 +762,10 @@ class Synthetic:
         """(clean, degraded): [3, h, w] each, or [3, frames, h, w] for videos."""
         _check_index(index, len(self))
         clean = self._clean(self.sources[index], generator)
-        return clean, self.degrade(clean, generator)
+        if len(self.degradations) == 1:  # no draw: a single degradation's pairs are as they always were
+            return clean, self.degradations[0](clean, generator)
+        choice = int(torch.randint(len(self.degradations), (), generator=generator, device=generator.device))
+        return clean, self.degradations[choice](clean, generator)
 
     def _clean(self, source: Path | Tensor, generator: torch.Generator) -> Tensor:
         name = f"source tensor {_describe(source)}" if isinstance(source, Tensor) else str(source)
