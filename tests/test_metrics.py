@@ -407,3 +407,17 @@ def test_summarise_and_markdown_table():
         summarise(rows + [{"dataset": "rain", "psnr": 1.0}])
     with pytest.raises(ValueError, match="dataset"):
         summarise([{"psnr": 1.0}])
+
+
+def test_lpips_score_is_the_frame_mean_of_the_definition_on_8_bit_levels():
+    """`score` quantises like psnr (clamp, round to 8 bits) and averages per-frame distances of a video."""
+    model = _filled_lpips(3).double()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    target = torch.rand(3, 2, 40, 48, generator=g, dtype=torch.float64)
+    pred = target + 0.15 * torch.randn(target.shape, generator=g, dtype=torch.float64)  # leaves [0, 1] a little
+    frames = [_lpips_by_hand(state, quantise(pred[:, f][None]) / 255, quantise(target[:, f][None]) / 255)
+              for f in range(2)]
+    expected = sum(d.item() for d in frames) / 2
+    assert abs(model.score(pred, target, video=True) - expected) <= 1e-10
+    assert abs(frames[0].item() - frames[1].item()) > 1e-4  # a mean of two different numbers
