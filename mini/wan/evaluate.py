@@ -1,0 +1,115 @@
+"""The video miniature's restoration table: the held-out clip and camera moves over Kodak24, degraded six ways.
+
+    python -m mini.wan.evaluate --video ../shared/data/video --eval ../shared/data/eval --threads 1
+
+Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with a fixed seed per degradation):
+  degraded       the degraded input itself
+  vae ceiling    the CLEAN clip through the VAE round trip: no latent method can do better than this
+  empty prompt   the bridge with the plain pre-trained model (no learned prompt)
+  method         the bridge with the degradation's own deep prompt (mini/wan/prompts/<degradation>.safetensors)
+  all-in-one     the bridge with the deep prompt trained on the mixture (mini/wan/prompts/all.safetensors)
+Restoration runs as `sample.py --video` does it (4k+1-frame chunks, cross-faded), at sample.py's sampler defaults.
+Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
+Writes the "restoration" entry of mini/wan/figures.json and prints a markdown table; rows whose prompt file is
+missing are left out (and say so).
+"""
+
+import argparse
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import data
+import metrics
+import sample
+from mini.pretrain_ae import update_json
+from mini.wan import clips
+from mini.wan.load import FOLDER, load_miniature
+
+DEGRADATIONS = ("rain", "haze", "lowlight", "snow", "blur", "noise")
+
+
+def flicker(video: torch.Tensor) -> float:
+    """Mean |frame[t+1] - frame[t]| of a clip [3, F, H, W]."""
+    return (video[:, 1:] - video[:, :-1]).abs().mean().item()
+
+
+def degrade(clean: torch.Tensor, name: str, seed: int) -> torch.Tensor:
+    return data.DEGRADATIONS[name](clean, torch.Generator().manual_seed(seed))
+
+
+def restorer(bb, prompt_file: Path | None, steps: int, chunk_frames: int, chunk_overlap: int):
+    """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler)."""
+    velocity = bb.velocity
+    if prompt_file is not None:
+        prompt, _ = sample.load_prompt(prompt_file, bb)
+        velocity = lambda x, t: bb.velocity(x, t, prompt)  # noqa: E731
+    settings = SimpleNamespace(chunk_frames=chunk_frames, chunk_overlap=chunk_overlap, rank=0, world=1, steps=steps,
+                               seed=0, t0=0.4, t_min=1e-4)
+    return lambda clip: sample.restore_video(bb, velocity, clip, settings, "eval")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", type=Path, required=True, help="the video/ folder (for the held-out clip)")
+    p.add_argument("--eval", type=Path, required=True, help="the eval/ folder (kodak24/)")
+    p.add_argument("--miniature", type=Path, default=FOLDER)
+    p.add_argument("--frames", type=int, default=17, help="frames of the held-out clip evaluated (default: %(default)s)")
+    p.add_argument("--motion-clips", type=int, default=4, help="Kodak24 camera moves evaluated (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=DEGRADATIONS)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    start = time.time()
+    bb = load_miniature(args.miniature)
+    motion = dict(list(clips.eval_motion_clips(args.eval).items())[: args.motion_clips])
+    sets = {"heldout": {"heldout": clips.heldout_clip(args.video, args.frames)}, "kodak24_motion": motion}
+    prompt_dir = args.miniature / "prompts"
+    rows = {"empty prompt": None}
+    for name, file in (("method", None), ("all-in-one", prompt_dir / "all.safetensors")):
+        if name == "all-in-one" and not file.is_file():
+            print(f"no {file}: the all-in-one row is left out")
+            continue
+        rows[name] = file
+    table = {}
+    for set_name, videos in sets.items():
+        for degradation in args.degradations:
+            cell = table.setdefault(set_name, {}).setdefault(degradation, {})
+            scores: dict[str, list[float]] = {}
+            flickers: dict[str, list[float]] = {}
+            for index, (clip_name, clean) in enumerate(videos.items()):
+                degraded = degrade(clean, degradation, seed=1000 + index)
+                outputs = {"degraded": degraded,
+                           "vae ceiling": ((bb.decode(bb.encode(clean[None] * 2 - 1))[0] + 1) / 2).clamp(0, 1)}
+                for row, file in rows.items():
+                    if row == "method":
+                        file = prompt_dir / f"{degradation}.safetensors"
+                        if not file.is_file():
+                            continue
+                    outputs[row] = restorer(bb, file, args.steps, 17, 8)(degraded)
+                for row, out in outputs.items():
+                    scores.setdefault(row, []).append(metrics.psnr(out, clean, video=True))
+                    flickers.setdefault(row, []).append(flicker(out) / flicker(clean))
+            for row in scores:
+                cell[row] = {"psnr": round(sum(scores[row]) / len(scores[row]), 2),
+                             "flicker": round(sum(flickers[row]) / len(flickers[row]), 3)}
+            print(set_name, degradation, {r: v["psnr"] for r, v in cell.items()}, f"{(time.time() - start) / 60:.1f} min",
+                  flush=True)
+    minutes = round((time.time() - start) / 60, 1)
+    update_json(args.miniature / "figures.json", restoration={
+        "table": table, "wall_minutes": minutes, "steps": args.steps, "heldout_frames": args.frames,
+        "motion_clips": list(motion), "rows": list(rows)})
+    for set_name, cells in table.items():
+        names = list(next(iter(cells.values())))
+        print(f"\n{set_name}\n| degradation | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))
+        for degradation, cell in cells.items():
+            print(f"| {degradation} | " + " | ".join(f"{cell[n]['psnr']:.2f}" if n in cell else "-" for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
