@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+import defaults
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -112,9 +114,9 @@ def sample(
     velocity: VelocityFn,
     y: Tensor,
     eps: Tensor,
-    t0: float = 0.4,
-    t_min: float = 1e-4,
-    steps: int = 20,
+    t0: float = defaults.T0,
+    t_min: float = defaults.T_MIN,
+    steps: int = defaults.STEPS,
     clamp: float | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> Tensor:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import defaults
 import weights
 
 FORMAT = "ypt-prompt/1"
@@ -188,7 +189,8 @@ def import_authors_wan(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
     weights.load_into(prompt, {"prompts": prompts, "alphas": alphas})
     meta = {
         "backbone": "wan", "config": "wan2.1-t2v-1.3b", "site": "deep", "length": prompts.shape[1],
-        "context_len": 226, "t0": 0.4, "t_min": 1e-4, "degradation": Path(path).stem.removeprefix("wan_"),
+        "context_len": defaults.WAN_CONTEXT_LEN, "t0": defaults.T0, "t_min": defaults.T_MIN,
+        "degradation": Path(path).stem.removeprefix("wan_"),
         "source": f"imported from the authors' release {Path(path).name}",
     }
     return prompt, meta
