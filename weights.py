@@ -12,9 +12,7 @@ a 12B model never exists twice in memory. Every mismatch is reported by name; no
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -22,9 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+from model import CheckpointError  # raised here and by the networks' own key checks (model/t5.py, model/clip.py)
+from runtime import atomic_file
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -176,24 +173,6 @@ def build(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`, on any error it is removed.
-
-    Nothing is ever left half-written under the final name. The temporary name keeps the suffix of `path`
-    so that writers choosing a format from the suffix (Pillow, PyAV) still work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

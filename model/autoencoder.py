@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tiling import run_tiled
+from model.tiling import run_tiled
 
 
 @dataclass

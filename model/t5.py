@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from weights import CheckpointError
+from model import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 import weights
 from model.autoencoder import CONFIGS, AutoEncoder, AutoEncoderParams
-from tiling import run_tiled, tile_starts
+from model.tiling import run_tiled, tile_starts
 from oracle import max_abs, randomize_
 
 SMALL = AutoEncoderParams(

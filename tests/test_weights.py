@@ -146,14 +146,6 @@ def test_build_on_meta_assigns_without_copy_and_casts(tmp_path):
     assert model.a.weight.data_ptr() == given["a.weight"].data_ptr()
 
 
-def test_atomic_file_leaves_nothing_on_error(tmp_path):
-    with pytest.raises(ValueError):
-        with weights.atomic_file(tmp_path / "out.png") as tmp:
-            tmp.write_bytes(b"half")
-            raise ValueError("writer failed")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_find_file_in_snapshot(tmp_path):
     (tmp_path / "ae.safetensors").write_bytes(b"")
     (tmp_path / "flux1-schnell.safetensors").write_bytes(b"")

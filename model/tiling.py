@@ -1,7 +1,8 @@
 """Overlapping tiles with linear cross-fades: bounded memory for big images and long videos.
 
-Used by the FLUX autoencoder (`encode`/`decode` with `tile=`), by sample.py for the transformer's velocity on
-large latents, and (in one dimension, over frames) for long videos split into overlapping chunks. Sizes are in
+Used by the FLUX autoencoder (`encode`/`decode` with `tile=`), by restore.py for the transformer's velocity on
+large latents, and (in one dimension, over frames: `blend_chunks`) for long videos restored in overlapping
+chunks. Sizes are in
 "units" (e.g. latent pixels or frames); where two neighbours overlap by exactly `overlap` their ramps add to 1,
 and the blended result is always normalised by the summed weights, so there is no seam and nothing is lost at
 the borders.
@@ -71,3 +72,17 @@ def run_tiled(
             out[(..., *region)] += y.float() * w
             weight_sum[region] += w
     return (out / weight_sum).to(x.dtype)
+
+
+def blend_chunks(chunks: dict[int, Tensor], starts: list[int], length: int, overlap: int) -> Tensor:
+    """Chunks [C, length, H, W] starting at frames `starts` -> one video [C, F, H, W], cross-faded linearly over
+    each overlap (weights normalised, so frames covered by one chunk are that chunk's exactly)."""
+    frames = starts[-1] + length
+    out = torch.zeros(chunks[0].shape[0], frames, *chunks[0].shape[2:])
+    weight = torch.zeros(frames)
+    overlap = max(1, min(overlap, length - 1))
+    for index, start in enumerate(starts):
+        w = blend_window(start, length, frames, overlap, 1, torch.device("cpu"))
+        out[:, start : start + length] += chunks[index] * w[None, :, None, None]
+        weight[start : start + length] += w
+    return out / weight[None, :, None, None]

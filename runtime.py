@@ -1,0 +1,83 @@
+"""What both command lines need around the method: processes and devices, default dtype and cache, run records,
+files written whole.
+
+    rank, world, device = setup_distributed()          # under torchrun: one process per GPU (gloo on CPUs)
+    dtype = default_dtype(device)                       # bfloat16 on GPU, float32 on CPU
+    everything = gather(mine, world)                    # every rank's dict of results, on every rank
+    with atomic_file("results.json") as tmp: tmp.write_text(...)   # appears only when complete
+"""
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TEXT_CACHE = Path.home() / ".cache" / "ypt-restore" / "text"  # text-encoder outputs (text.py), per snapshot
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: NCCL on GPUs, gloo on CPUs; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), world, device
+    return 0, 1, device
+
+
+def close_distributed() -> None:
+    """End the process group, if `setup_distributed` started one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather(pieces: dict, world: int) -> dict:
+    """Merge every rank's dict of results (all ranks receive all of them)."""
+    if world == 1:
+        return pieces
+    everything = [None] * world
+    dist.all_gather_object(everything, pieces)
+    return {k: v for part in everything for k, v in part.items()}
+
+
+def default_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
+    """The DiT's dtype: `name` ("bfloat16", "float32") if given, else bfloat16 on a GPU and float32 on a CPU."""
+    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def record(settings: Mapping) -> dict:
+    """Settings (e.g. `vars(args)`) as JSON values for a run's record: paths as strings, lists of them too."""
+
+    def plain(value):
+        if isinstance(value, os.PathLike):
+            return str(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, os.PathLike) for v in value):
+            return [plain(v) for v in value]
+        return value
+
+    return {key: plain(value) for key, value in settings.items()}
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on any error it is removed.
+
+    Nothing is ever left half-written under the final name. The temporary name keeps the suffix of `path`
+    so that writers choosing a format from the suffix (Pillow, PyAV) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
