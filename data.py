@@ -1,17 +1,16 @@
-"""Pixels on disk: image and video IO, synthetic degradations, and paired (clean, degraded) datasets.
+"""Training and evaluation data: synthetic degradations and paired (clean, degraded) datasets.
 
-Conventions used everywhere in this file:
+Conventions (media.py reads and writes the files):
 
 - an image is a float32 tensor [3, H, W] with values in [0, 1] (RGB);
-- a video is a float32 tensor [3, F, H, W] in [0, 1]: channels first, frames second, which is the layout the
-  video VAE takes once a batch axis is added in front;
+- a video is a float32 tensor [3, F, H, W] in [0, 1]: channels first, frames second;
 - every random choice is drawn from an explicit `torch.Generator` argument, never from the global RNG, so a
   crop or a degradation is a pure function of (inputs, generator state).
 
-Sections: IO (`read_image`, `write_image`, `read_video`, `write_video`), degradations (`DEGRADATIONS`), and
-datasets (`PairedFolders`, `Manifest`, `Synthetic`), each with `pair(index, generator) -> (clean, degraded)`.
+Sections: degradations (`DEGRADATIONS`), datasets (`PairedFolders`, `Manifest`, `Synthetic`), each with
+`pair(index, generator) -> (clean, degraded)`, and the tiny preset's toy data (`toy_images`, `toy_videos`).
 
-    clean = read_image("photo.png")                            # [3, H, W]
+    clean = media.read_image("photo.png")                      # [3, H, W]
     hazy = DEGRADATIONS["haze"](clean, torch.Generator().manual_seed(0))
     pairs = PairedFolders("data/rain", size=512)               # root/clean/*.png and root/degraded/*.png
     clean, degraded = pairs.pair(0, torch.Generator().manual_seed(0))  # two [3, 512, 512] crops
@@ -23,318 +22,17 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from weights import atomic_file
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-# Frame rate of a folder of frames when the caller gives none: Wan2.1 generates and was trained at 16 fps.
-DEFAULT_FOLDER_FPS = Fraction(16)
-
-# ================================================================================================== IO
-
-# Pillow modes that read_image refuses, with the reason shown to the user. Anything else that is not RGB or P
-# (palette) is refused too, as an "unsupported mode".
-_REFUSED_MODES = {
-    "1": "a black-and-white (1-bit) image",
-    "L": "a grayscale image",
-    "I": "a grayscale (32-bit integer) image",
-    "I;16": "a grayscale (16-bit) image",
-    "I;16B": "a grayscale (16-bit) image",
-    "I;16L": "a grayscale (16-bit) image",
-    "F": "a grayscale (32-bit float) image",
-    "LA": "a grayscale image with an alpha channel",
-    "La": "a grayscale image with an alpha channel",
-    "RGBA": "an image with an alpha channel",
-    "RGBa": "an image with an alpha channel",
-    "PA": "a palette image with an alpha channel",
-    "CMYK": "a CMYK image (converting it to RGB properly needs its colour profile)",
-}
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside `folder` (png/jpg/jpeg/bmp/webp/tif/tiff), sorted by name.
-
-    Raises ValueError when `folder` is not a folder or holds no image file.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return files
-
-
-def list_videos(folder: str | os.PathLike) -> list[Path]:
-    """The videos directly inside `folder`, sorted by name: video files (mp4/mov/mkv/webm/avi) and sub-folders
-    (each sub-folder is one video stored as frame images). Raises ValueError when there is none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
-    videos = sorted(p for p in folder.iterdir() if p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES)
-    if not videos:
-        raise ValueError(f"{folder}: no video files ({', '.join(VIDEO_SUFFIXES)}) or frame sub-folders in it")
-    return videos
-
-
-def read_image(path: str | os.PathLike) -> Tensor:
-    """Read an RGB image file as float32 [3, H, W] in [0, 1].
-
-    Only RGB pixels are accepted, nothing is converted behind your back: grayscale, alpha (RGBA, LA, or a
-    palette with a transparent colour), CMYK and animated images raise ValueError. A palette ("P") image
-    without transparency IS accepted: its palette entries are RGB colours, so the lookup is exact. EXIF
-    orientation tags are ignored (pixels are returned as stored). Unreadable or corrupt files raise ValueError.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if getattr(image, "n_frames", 1) > 1:
-                raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
-            mode = image.mode
-            if mode == "P" and "transparency" in image.info:
-                raise ValueError(f"{path}: a palette image with a transparent colour; convert it to RGB first")
-            if mode in _REFUSED_MODES:
-                raise ValueError(f"{path}: {_REFUSED_MODES[mode]}; convert it to RGB first")
-            if mode not in ("RGB", "P"):
-                raise ValueError(f"{path}: unsupported image mode {mode!r}; convert it to RGB first")
-            image.load()
-            pixels = np.asarray(image.convert("RGB") if mode == "P" else image)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: cannot read this image file ({err})") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
-
-
-def _to_uint8(pixels: Tensor, expected: str, what: str) -> np.ndarray:
-    """[3, ...] float in [0, 1] -> uint8 array with the channel axis last. `expected` names the shape."""
-    if not isinstance(pixels, Tensor) or not pixels.is_floating_point() or pixels.shape[0] != 3 or not pixels.numel():
-        raise ValueError(f"{what}: expected a float tensor {expected}, got {_describe(pixels)}")
-    pixels = pixels.detach().float().cpu()
-    if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
-        raise ValueError(f"{what}: values must be finite and in [0, 1] (clamp first), got range "
-                         f"[{pixels.min().item():.4g}, {pixels.max().item():.4g}]")
-    return pixels.mul(255).round_().to(torch.uint8).movedim(0, -1).numpy()
-
-
-def _describe(x: object) -> str:
-    return f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-
-
-def write_image(path: str | os.PathLike, image: Tensor, jpeg_quality: int = 95) -> None:
-    """Write an image [3, H, W] in [0, 1] as PNG (.png) or JPEG (.jpg/.jpeg, at `jpeg_quality`), atomically.
-
-    Values are rounded to 8 bits, so a PNG round trip of an image read by `read_image` is exact. Values
-    outside [0, 1] raise ValueError (clamp first). The file appears under its name only when complete.
-    """
-    path = Path(path)
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-    if path.suffix.lower() not in formats:
-        raise ValueError(f"{path}: write_image writes .png, .jpg or .jpeg, not {path.suffix!r}")
-    if not isinstance(image, Tensor) or image.ndim != 3:
-        raise ValueError(f"{path}: expected an image tensor [3, H, W], got {_describe(image)}")
-    pixels = _to_uint8(image, "[3, H, W]", str(path))
-    options = {"quality": jpeg_quality} if formats[path.suffix.lower()] == "JPEG" else {}
-    with atomic_file(path) as tmp:
-        Image.fromarray(pixels, "RGB").save(tmp, format=formats[path.suffix.lower()], **options)
-
-
-@dataclass
-class Video:
-    """A decoded video. `frames`: float32 [3, F, H, W] in [0, 1]; `fps`: the exact frame rate (e.g.
-    Fraction(24000, 1001)); `has_audio`: whether the source file has an audio stream."""
-
-    frames: Tensor
-    fps: Fraction
-    has_audio: bool
-
-
-def _as_fraction(fps: Fraction | float | int, what: str) -> Fraction:
-    """A frame rate as an exact Fraction; floats are snapped to the nearest ratio with denominator <= 10000,
-    so 23.976023976... becomes 24000/1001."""
-    rate = Fraction(fps).limit_denominator(10000) if isinstance(fps, float) else Fraction(fps)
-    if rate <= 0:
-        raise ValueError(f"{what}: frame rate must be positive, got {fps}")
-    return rate
-
-
-def read_video(path: str | os.PathLike, fps: Fraction | float | int | None = None) -> Video:
-    """Read a whole video: a file PyAV can decode (mp4/mov/mkv/webm/avi) or a folder of frame images.
-
-    A folder's frames are its image files sorted by name; its rate is `fps`, or DEFAULT_FOLDER_FPS (16, Wan's
-    rate) when none is given, and `has_audio` is False. For a file the rate is read from the stream (`fps`
-    must then be None). Zero frames, an unreadable file or frames of different sizes raise ValueError.
-    """
-    path = Path(path)
-    if path.is_dir():
-        rate = DEFAULT_FOLDER_FPS if fps is None else _as_fraction(fps, str(path))
-        return Video(_read_frame_images(list_images(path), str(path)), rate, has_audio=False)
-    if fps is not None:
-        raise ValueError(f"{path}: fps is only for folders of frames; a video file carries its own rate")
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ValueError(f"{path}: the video stream states no frame rate")
-        frames = _decode_frames(container, path, start=0, count=None)
-        return Video(frames, Fraction(rate), has_audio=bool(container.streams.audio))
-
-
-def video_length(path: str | os.PathLike) -> int:
-    """Number of frames of a video file or of a folder of frames (cheap: from the header when it says)."""
-    path = Path(path)
-    if path.is_dir():
-        return len(list_images(path))
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames > 0:
-            return stream.frames
-        return sum(1 for _ in container.decode(stream))  # the container does not say: count by decoding
-
-
-def read_clip(source: str | os.PathLike | Sequence[str | os.PathLike], start: int, count: int) -> Tensor:
-    """Frames [start, start + count) of a video file, a folder of frames, or a list of frame image paths,
-    as float32 [3, count, H, W]. Raises ValueError when the video has fewer frames."""
-    if isinstance(source, (str, os.PathLike)) and not Path(source).is_dir():
-        with _open_video(Path(source)) as container:
-            return _decode_frames(container, Path(source), start, count)
-    paths = list_images(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
-    name = str(source) if isinstance(source, (str, os.PathLike)) else f"frames {paths[0]} ..."
-    if start + count > len(paths):
-        raise ValueError(f"{name}: asked for frames {start}..{start + count - 1} of a {len(paths)}-frame video")
-    return _read_frame_images(paths[start:start + count], name)
-
-
-def _read_frame_images(paths: Sequence[Path], name: str) -> Tensor:
-    """Read frame images that must all have one size -> [3, F, H, W]."""
-    frames = [read_image(p) for p in paths]
-    for p, frame in zip(paths, frames):
-        if frame.shape != frames[0].shape:
-            raise ValueError(f"{name}: mixed frame sizes: {paths[0].name} is {_hw(frames[0])} but "
-                             f"{p.name} is {_hw(frame)}")
-    return torch.stack(frames, dim=1)
-
-
-def _hw(x: Tensor) -> str:
-    return f"{x.shape[-2]}x{x.shape[-1]} (HxW)"
-
-
-def _open_video(path: Path) -> av.container.InputContainer:
-    """Open a file with PyAV, with a readable ValueError when it is not a video."""
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as err:
-        raise ValueError(f"{path}: cannot open this video file ({err})") from None
-    if not container.streams.video:
-        container.close()
-        raise ValueError(f"{path}: the file has no video stream")
-    return container
-
-
-def _decode_frames(container: av.container.InputContainer, path: Path, start: int, count: int | None) -> Tensor:
-    """Decode frames [start, start + count) (all from `start` when count is None) -> [3, F, H, W]."""
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    frames: list[np.ndarray] = []
-    try:
-        for index, frame in enumerate(container.decode(stream)):
-            if index < start:
-                continue
-            if count is not None and len(frames) == count:
-                break
-            pixels = frame.to_ndarray(format="rgb24")
-            if frames and pixels.shape != frames[0].shape:
-                raise ValueError(f"{path}: mixed frame sizes: frame {start} is {frames[0].shape[:2]} (HxW) but "
-                                 f"frame {index} is {pixels.shape[:2]}")
-            frames.append(pixels)
-    except av.FFmpegError as err:
-        raise ValueError(f"{path}: cannot decode this video ({err})") from None
-    if not frames:
-        raise ValueError(f"{path}: the video has no frames" + (f" from frame {start} on" if start else ""))
-    if count is not None and len(frames) < count:
-        raise ValueError(f"{path}: asked for frames {start}..{start + count - 1} of a "
-                         f"{start + len(frames)}-frame video")
-    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float().div_(255)
-
-
-def write_video(
-    path: str | os.PathLike,
-    frames: Tensor,
-    fps: Fraction | float | int,
-    audio_from: str | os.PathLike | None = None,
-    crf: int = 17,
-) -> None:
-    """Write frames [3, F, H, W] in [0, 1] as an H.264 .mp4 at exactly `fps`, atomically.
-
-    Even sizes are encoded as yuv420p (plays everywhere). yuv420p cannot hold an odd width or height, so odd
-    sizes are encoded as yuv444p (H.264 High 4:4:4: exact size, plays in ffmpeg/VLC, not in every browser).
-    `crf` is x264's constant rate factor (lower = better; 17 is visually lossless).
-
-    When `audio_from` names a media file with an audio stream, that audio (from its start, cut to the length
-    of the written video) is transcoded to AAC and muxed in; a file without audio adds none. Values outside
-    [0, 1], a wrong shape or an unreadable `audio_from` raise ValueError and leave no file behind.
-    """
-    path = Path(path)
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"{path}: write_video writes .mp4 files, not {path.suffix!r}")
-    if not isinstance(frames, Tensor) or frames.ndim != 4:
-        raise ValueError(f"{path}: expected a video tensor [3, F, H, W], got {_describe(frames)}")
-    pixels = _to_uint8(frames, "[3, F, H, W]", str(path))  # [F, H, W, 3]
-    rate = _as_fraction(fps, str(path))
-    _, height, width, _ = pixels.shape
-    seconds = Fraction(len(pixels)) / rate
-    audio = None if audio_from is None else _read_audio(Path(audio_from), seconds)
-    with atomic_file(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
-        video_stream = out.add_stream("libx264", rate=rate)
-        video_stream.width, video_stream.height = width, height
-        video_stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
-        video_stream.options = {"crf": str(crf)}
-        if audio is not None:
-            samples, sample_rate, layout = audio
-            audio_stream = out.add_stream("aac", rate=sample_rate)
-            audio_stream.layout = layout
-        for index, frame_pixels in enumerate(pixels):
-            frame = av.VideoFrame.from_ndarray(frame_pixels, format="rgb24")
-            frame.pts = index  # in units of 1/rate, the codec's time base
-            out.mux(video_stream.encode(frame))
-        out.mux(video_stream.encode())
-        if audio is not None:
-            for offset in range(0, samples.shape[1], 1024):  # AAC encodes 1024 samples per frame
-                chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, offset:offset + 1024]),
-                                                   format="fltp", layout=layout)
-                chunk.sample_rate, chunk.pts = sample_rate, offset
-                out.mux(audio_stream.encode(chunk))
-            out.mux(audio_stream.encode())
-
-
-def _read_audio(path: Path, seconds: Fraction) -> tuple[np.ndarray, int, str] | None:
-    """The first audio stream of `path`, decoded to planar float32 [channels, samples] and cut to `seconds`,
-    with its sample rate and channel layout name; None when the file has no audio stream."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            layout = stream.layout.name
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=stream.rate)
-            chunks = [resampled.to_ndarray() for frame in container.decode(stream)
-                      for resampled in resampler.resample(frame)]
-            chunks += [resampled.to_ndarray() for resampled in resampler.resample(None)]
-    except (av.FFmpegError, OSError) as err:
-        raise ValueError(f"{path}: cannot read audio from this file ({err})") from None
-    if not chunks:
-        return None
-    samples = np.concatenate(chunks, axis=1)[:, :round(seconds * stream.rate)]
-    return samples.astype(np.float32), stream.rate, layout
-
+import defaults
+import media
+from media import describe, hw_text
 
 # ========================================================================================== degradations
 #
@@ -347,7 +45,7 @@ def _read_audio(path: Path, seconds: Fraction) -> tuple[np.ndarray, int, str] | 
 def _frames_of(x: Tensor) -> Tensor:
     """Image [3, H, W] -> [1, 3, H, W]; video [3, F, H, W] -> [F, 3, H, W] (frames as a batch)."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim not in (3, 4) or x.shape[0] != 3:
-        raise ValueError(f"expected an image [3, H, W] or a video [3, F, H, W] (float), got {_describe(x)}")
+        raise ValueError(f"expected an image [3, H, W] or a video [3, F, H, W] (float), got {describe(x)}")
     return x.float().unsqueeze(0) if x.ndim == 3 else x.float().transpose(0, 1)
 
 
@@ -558,7 +256,7 @@ def _check_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _check_frames(frames: int | None) -> int | None:
-    if frames is not None and (frames < 1 or frames % 4 != 1):
+    if frames is not None and not defaults.is_clip_length(frames):
         raise ValueError(f"frames must be 4k+1 (1, 5, 9, ..., 33, ...) for the video VAE, got {frames}")
     return frames
 
@@ -574,19 +272,19 @@ def _crop(tensors: Sequence[Tensor], size: tuple[int, int] | None, generator: to
     height, width = tensors[0].shape[-2:]
     for tensor, name in zip(tensors, names):
         if tensor.shape[-2:] != tensors[0].shape[-2:]:
-            raise ValueError(f"pair of different sizes: {names[0]} is {_hw(tensors[0])} but {name} is "
-                             f"{_hw(tensor)}")
+            raise ValueError(f"pair of different sizes: {names[0]} is {hw_text(tensors[0])} but {name} is "
+                             f"{hw_text(tensor)}")
     if size is None:
         return list(tensors)
     if height < size[0] or width < size[1]:
-        raise ValueError(f"{names[0]}: {_hw(tensors[0])} is smaller than the crop {size[0]}x{size[1]} (HxW); "
+        raise ValueError(f"{names[0]}: {hw_text(tensors[0])} is smaller than the crop {size[0]}x{size[1]} (HxW); "
                          f"use a smaller size or larger sources (nothing is resized)")
     top, left = _random_int(generator, height - size[0]), _random_int(generator, width - size[1])
     return [tensor[..., top:top + size[0], left:left + size[1]].contiguous() for tensor in tensors]
 
 
 def _clip_length(source: Path | list[Path]) -> int:
-    return len(source) if isinstance(source, list) else video_length(source)
+    return len(source) if isinstance(source, list) else media.video_length(source)
 
 
 def _random_start(lengths: Sequence[int], frames: int, generator: torch.Generator, names: Sequence[str]) -> int:
@@ -608,10 +306,11 @@ def _read_pair(clean: Path | list[Path], degraded: Path | list[Path], size: tupl
     """Read a (clean, degraded) pair of images (frames None) or video clips and crop both at one place."""
     names = [_describe_source(clean), _describe_source(degraded)]
     if frames is None:
-        clean_image, degraded_image = _crop([read_image(clean), read_image(degraded)], size, generator, names)
+        images = [media.read_image(clean), media.read_image(degraded)]
+        clean_image, degraded_image = _crop(images, size, generator, names)
         return clean_image, degraded_image
     start = _random_start([_clip_length(clean), _clip_length(degraded)], frames, generator, names)
-    clips = [read_clip(clean, start, frames), read_clip(degraded, start, frames)]
+    clips = [media.read_clip(clean, start, frames), media.read_clip(degraded, start, frames)]
     clean_clip, degraded_clip = _crop(clips, size, generator, names)
     return clean_clip, degraded_clip
 
@@ -632,7 +331,7 @@ class PairedFolders:
     def __init__(self, root: str | os.PathLike, size: int | tuple[int, int] | None, frames: int | None = None):
         root = Path(root)
         self.size, self.frames = _check_size(size), _check_frames(frames)
-        lister = list_images if frames is None else list_videos
+        lister = media.list_images if frames is None else media.list_videos
         degraded, clean = (self._by_name(lister(root / side)) for side in ("degraded", "clean"))
         only_degraded, only_clean = sorted(degraded.keys() - clean.keys()), sorted(clean.keys() - degraded.keys())
         if only_degraded or only_clean:
@@ -742,7 +441,7 @@ class Synthetic:
         self.degradations = [DEGRADATIONS[name] for name in names]
         self.size, self.frames = _check_size(size), _check_frames(frames)
         if isinstance(sources, (str, os.PathLike)):
-            sources = list_images(sources) if frames is None else list_videos(sources)
+            sources = media.list_images(sources) if frames is None else media.list_videos(sources)
         if not sources:
             raise ValueError("Synthetic needs at least one clean source")
         self.sources = [self._source(s) for s in sources]
@@ -752,7 +451,7 @@ class Synthetic:
             return Path(source)
         ndim, shape = (3, "[3, H, W]") if self.frames is None else (4, "[3, F, H, W]")
         if not source.is_floating_point() or source.ndim != ndim or source.shape[0] != 3:
-            raise ValueError(f"Synthetic sources: expected float tensors {shape}, got {_describe(source)}")
+            raise ValueError(f"Synthetic sources: expected float tensors {shape}, got {describe(source)}")
         return source
 
     def __len__(self) -> int:
@@ -768,16 +467,16 @@ class Synthetic:
         return clean, self.degradations[choice](clean, generator)
 
     def _clean(self, source: Path | Tensor, generator: torch.Generator) -> Tensor:
-        name = f"source tensor {_describe(source)}" if isinstance(source, Tensor) else str(source)
+        name = f"source tensor {describe(source)}" if isinstance(source, Tensor) else str(source)
         if self.frames is None:
-            image = source if isinstance(source, Tensor) else read_image(source)
+            image = source if isinstance(source, Tensor) else media.read_image(source)
             return _crop([image], self.size, generator, [name])[0]
         if isinstance(source, Tensor):
             start = _random_start([source.shape[1]], self.frames, generator, [name])
             clip = source[:, start:start + self.frames]
         else:
-            start = _random_start([video_length(source)], self.frames, generator, [name])
-            clip = read_clip(source, start, self.frames)
+            start = _random_start([media.video_length(source)], self.frames, generator, [name])
+            clip = media.read_clip(source, start, self.frames)
         return _crop([clip], self.size, generator, [name])[0]
 
 
@@ -812,3 +511,13 @@ def toy_videos(count: int, frames: int, height: int, width: int, seed: int = 0) 
     for image in toy_images(count, height, width + frames, seed):
         videos.append(torch.stack([image[:, :, f : f + width] for f in range(frames)], dim=1))
     return videos
+
+
+def toy_dataset(video: bool, degradation: str | Sequence[str], size: tuple[int, int], frames: int | None = None,
+                seed: int = 0) -> Synthetic:
+    """The tiny preset's training pairs: 8 toy images of 64 x 64 (video: 4 toy videos of 2 x `frames` frames)
+    degraded on the fly by `degradation`, or by "noise" when it names none of DEGRADATIONS (e.g. "unnamed")."""
+    names = [degradation] if isinstance(degradation, str) else list(degradation)
+    chosen = degradation if names and all(name in DEGRADATIONS for name in names) else "noise"
+    sources = toy_videos(4, 2 * frames, 64, 64, seed=seed) if video else toy_images(8, 64, 64, seed=seed)
+    return Synthetic(sources, chosen, size, frames)

@@ -26,6 +26,8 @@ from torch import Tensor
 import backbone
 import bridge
 import data
+import defaults
+import media
 from mini import images
 from mini.pretrain_ae import psnr, update_json
 
@@ -67,7 +69,7 @@ def restore_without_prompt(bb: backbone.Backbone, clean: Tensor, degradation: st
     degraded = torch.stack([data.DEGRADATIONS[degradation](image, generator) for image in clean])
     y = to_latent(bb, degraded)
     eps = torch.randn(y.shape, generator=generator)
-    restored = to_pixels(bb, bridge.sample(lambda x, t: bb.velocity(x, t), y, eps, t0=0.4, steps=20))
+    restored = to_pixels(bb, bridge.sample(lambda x, t: bb.velocity(x, t), y, eps, defaults.T0, steps=defaults.STEPS))
 
     def mean_psnr(images_: Tensor) -> float:
         return round(sum(psnr(a, b) for a, b in zip(images_, clean)) / len(clean), 2)
@@ -111,7 +113,7 @@ def main() -> None:
         "denoising_latent_mse": denoising(bb, clean, args.seed),
         "bridge_psnr_db": {d: restore_without_prompt(bb, clean, d, args.seed) for d in DEGRADATIONS},
     }
-    data.write_image(args.out / "samples.png", grid(generate(bb, 8, 128, 30, args.seed), columns=4))
+    media.write_image(args.out / "samples.png", grid(generate(bb, 8, 128, 30, args.seed), columns=4))
     results["wall_minutes"] = round((time.time() - start) / 60, 1)
     results["cpu_minutes"] = round(time.process_time() / 60, 1)
     update_json(args.out / "figures.json", evaluation=results)

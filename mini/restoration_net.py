@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import data
+import media
 import weights
 from mini.learn_prompts import record_run
 
@@ -69,7 +70,7 @@ def train(degradation: str, steps: int, batch: int, lr: float, size: int, seed: 
     """Train one network on synthetic pairs of the training photographs; returns it and the per-step losses."""
     torch.manual_seed(seed)
     net = RestorationNet().to(memory_format=torch.channels_last)  # ~1.4x faster convolutions on CPU
-    photos = [data.read_image(path) for path in data.list_images(MINI / "train")]  # decoded once, same pairs
+    photos = [media.read_image(path) for path in media.list_images(MINI / "train")]  # decoded once, same pairs
     dataset = data.Synthetic(photos, degradation, size)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
