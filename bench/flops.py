@@ -21,7 +21,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
+import training
 from common import table
 
 
@@ -47,7 +47,7 @@ def our_step(kind: str, device: str, dtype: torch.dtype, checkpointing: bool = F
     bb.dit.checkpointing = checkpointing
     prompt = common.new_deep_prompt(bb, common.CPU_TEXT_LEN)
     x0, y, eps, t = common.step_inputs(kind, device=device)
-    loss_fn = train.step_loss(bb, prompt, 0.4, "bridge")
+    loss_fn = training.step_loss(bb, prompt, 0.4, "bridge")
 
     def step():
         for p in prompt.parameters():

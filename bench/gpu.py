@@ -29,6 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bridge
+import defaults
+import training
 from model import flux as flux_model
 from model import wan as wan_model
 
@@ -50,15 +52,6 @@ def datasheet_peak(device: torch.device) -> tuple[str, float | None]:
         if key in name:
             return name, peak * 1e12
     return name, None
-
-
-def loss_fn(bb, prompt, t0: float = 0.4):
-    """The body of `train.step_loss` (train.py also imports PyAV for its data, which a bare GPU image may lack)."""
-
-    def loss(x0, y, eps, t):
-        return bridge.loss(lambda x, tt: bb.velocity(x, tt, prompt), x0, y, eps, t, t0, "bridge")
-
-    return loss
 
 
 def count(fn) -> int:
@@ -90,7 +83,7 @@ def flux_train(args, device, dtype, log) -> dict:
         f"{time.perf_counter() - start:.1f} s")
     prompt = common.new_deep_prompt(bb, text_len)
     x0, y, eps, t = common.step_inputs("flux", device=device, shape=(16, size // 8, size // 8))
-    loss = loss_fn(bb, prompt)
+    loss = training.step_loss(bb, prompt, defaults.T0, "bridge")  # training.py imports no video code
 
     def step():
         for p in prompt.parameters():

@@ -4,7 +4,7 @@
     python bench/train_step.py --backbone wan --repeats 11 --threads 2
     python bench/train_step.py --backbone flux --device cuda --dtype bfloat16
 
-One step = `train.step_loss(bb, prompt, T0, "bridge")(x0, y, eps, t)` forward + backward to the deep prompt
+One step = `training.step_loss(bb, prompt, T0, "bridge")(x0, y, eps, t)` forward + backward to the deep prompt
 (P and the per-block alphas) only; every backbone weight has requires_grad False. Variants:
 
   ours            our model, eager
@@ -29,7 +29,7 @@ import common  # puts the repository root on sys.path
 import torch
 
 import bridge
-import train
+import training
 from common import mib, table
 
 T0 = 0.4
@@ -44,7 +44,7 @@ def build(kind: str, variant: str, device: str, dtype: torch.dtype, checkpointin
     x0, y, eps, t = common.step_inputs(kind, device=device)
     if variant.startswith("ours"):
         bb.dit.checkpointing = checkpointing
-        loss_fn = train.step_loss(bb, prompt, T0, "bridge")
+        loss_fn = training.step_loss(bb, prompt, T0, "bridge")
     else:
         import reference
 

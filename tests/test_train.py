@@ -1,5 +1,6 @@
-"""train.py on the tiny preset: frozen backbone, only prompts learn, the loss falls, resume and multi-process
-runs reproduce a single uninterrupted run, compiled equals eager, non-finite losses stop cleanly."""
+"""Training (training.py, and train.py its command line) on the tiny preset: frozen backbone, only prompts learn,
+the loss falls, resume and multi-process runs reproduce a single uninterrupted run, compiled equals eager,
+non-finite losses stop cleanly."""
 
 import json
 import os
@@ -12,36 +13,45 @@ import torch
 
 import backbone
 import bridge
+import data
 import prompts
 import train
+import training
 import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(tmp_path, *extra, name="run"):
-    args = train.parse_args(["--preset", "tiny", "--out", str(tmp_path / name), "--log-every", "1000", *extra])
-    return train.train(args)
+def toy_pairs(kind: str):
+    """The tiny preset's training data (train.py --preset tiny without --data)."""
+    spec = backbone.BACKBONES[f"tiny-{kind}"]
+    return data.toy_dataset(kind == "wan", "noise", spec.train_size, spec.train_frames)
+
+
+def run(tmp_path, kind="flux", name="run", resume=False, latent_cache=None, **settings):
+    """A training run on the tiny backbone of `kind` and its toy pairs, as `train.py --preset tiny` runs it."""
+    options = training.TrainOptions(prompt_len=backbone.BACKBONES[f"tiny-{kind}"].prompt_len, log_every=1000,
+                                    **settings)
+    return training.train(backbone.tiny(kind), toy_pairs(kind), options, tmp_path / name, resume=resume,
+                          latent_cache=latent_cache)
 
 
 def fixed_batch_loss(bb, prompt, kind, seed=123):
     """The bridge loss of `prompt` on a fixed evaluation batch (all 8 toy sources, fixed t and noise)."""
-    args = train.parse_args(["--preset", "tiny", "--backbone", kind, "--out", "unused"])
-    dataset = train.make_dataset(args)
-    source = train.LatentSource(bb, dataset, None, {}, seed)
+    dataset = toy_pairs(kind)
+    source = training.LatentSource(bb, dataset, None, {}, seed)
     indices = list(range(len(dataset)))
     x0, y = source(indices, [seed + i for i in indices])
     g = torch.Generator().manual_seed(seed)
     t = bridge.draw_times(len(indices), 1e-4, 0.4, g)
     eps = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
-        return train.step_loss(bb, prompt, 0.4, "bridge")(x0, y, eps, t).item()
+        return training.step_loss(bb, prompt, 0.4, "bridge")(x0, y, eps, t).item()
 
 
 @pytest.mark.parametrize("kind,site,lr", [("flux", "deep", 5e-2), ("flux", "text", 2e-1), ("wan", "deep", 5e-2)])
 def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site, lr):
-    result = run(tmp_path, "--backbone", kind, "--site", site, "--steps", "40", "--batch", "4", "--lr", str(lr),
-                 "--latent-cache", str(tmp_path / "latents"))
+    result = run(tmp_path, kind, site=site, steps=40, batch=4, lr=lr, latent_cache=tmp_path / "latents")
     fresh = backbone.tiny(kind)
     for module in ("dit", "vae"):  # every backbone tensor bit-identical to the untouched pre-trained one
         trained_state, fresh_state = getattr(result.backbone, module).state_dict(), getattr(fresh, module).state_dict()
@@ -60,19 +70,19 @@ def test_only_prompt_learns_and_loss_falls(tmp_path, kind, site, lr):
 
 
 def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
-    common = ["--backbone", "flux", "--batch", "2", "--save-every", "3", "--lr", "1e-2"]
-    whole = run(tmp_path, *common, "--steps", "6", name="whole")
-    run(tmp_path, *common, "--steps", "3", name="parts")  # stops after step 3 (its last checkpoint)
-    resumed = run(tmp_path, *common, "--steps", "6", "--resume", name="parts")
+    common = dict(batch=2, save_every=3, lr=1e-2)
+    whole = run(tmp_path, steps=6, name="whole", **common)
+    run(tmp_path, steps=3, name="parts", **common)  # stops after step 3 (its last checkpoint)
+    resumed = run(tmp_path, steps=6, resume=True, name="parts", **common)
     assert resumed.losses == whole.losses[3:]
     for a, b in zip(whole.prompt.state_dict().values(), resumed.prompt.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_resume_refuses_a_different_set_up(tmp_path):
-    run(tmp_path, "--backbone", "flux", "--batch", "2", "--steps", "2")
+    run(tmp_path, batch=2, steps=2)
     with pytest.raises(ValueError, match="different run set-up.*site: deep -> text"):
-        run(tmp_path, "--backbone", "flux", "--batch", "2", "--steps", "4", "--site", "text", "--resume")
+        run(tmp_path, batch=2, steps=4, site="text", resume=True)
 
 
 def test_latent_cache_encodes_each_pair_once(tmp_path, monkeypatch):
@@ -80,10 +90,10 @@ def test_latent_cache_encodes_each_pair_once(tmp_path, monkeypatch):
     encode = backbone.Backbone.encode
     monkeypatch.setattr(backbone.Backbone, "encode", lambda self, px: calls.append(len(px)) or encode(self, px))
     cache = tmp_path / "latents"
-    first = run(tmp_path, "--backbone", "flux", "--batch", "4", "--steps", "6", "--latent-cache", str(cache), name="a")
+    first = run(tmp_path, batch=4, steps=6, latent_cache=cache, name="a")
     assert len(calls) == len(list(cache.glob("*.safetensors"))) <= 8  # 8 toy sources, each encoded once
     calls.clear()
-    second = run(tmp_path, "--backbone", "flux", "--batch", "4", "--steps", "6", "--latent-cache", str(cache), name="b")
+    second = run(tmp_path, batch=4, steps=6, latent_cache=cache, name="b")
     assert calls == [] and second.losses == first.losses
 
 
@@ -95,10 +105,10 @@ def test_compiled_loss_equals_eager():
     g = torch.Generator().manual_seed(0)
     x0, y, eps = (torch.randn(2, 16, 4, 6, generator=g) for _ in range(3))
     t = torch.tensor([0.1, 0.35])
-    eager = train.step_loss(bb, prompt, 0.4, "bridge")
+    eager = training.step_loss(bb, prompt, 0.4, "bridge")
     # aot_eager traces the step through dynamo and AOTAutograd (the forward and backward graphs torch.compile
     # builds) without inductor's C++ code generation, which takes minutes on a small CPU; the slow test below
-    # runs inductor through `train.py --compile`.
+    # runs inductor through the compile option (`train.py --compile`).
     compiled = torch.compile(eager, backend="aot_eager")
     results = []
     for fn in (eager, compiled):
@@ -112,21 +122,21 @@ def test_compiled_loss_equals_eager():
 
 
 @pytest.mark.slow
-def test_train_py_compile_matches_eager(tmp_path):
-    eager = run(tmp_path, "--backbone", "wan", "--batch", "2", "--steps", "3", name="eager")
-    compiled = run(tmp_path, "--backbone", "wan", "--batch", "2", "--steps", "3", "--compile", name="compiled")
+def test_compile_option_matches_eager(tmp_path):
+    eager = run(tmp_path, "wan", batch=2, steps=3, name="eager")
+    compiled = run(tmp_path, "wan", batch=2, steps=3, compile=True, name="compiled")
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     for a, b in zip(eager.prompt.state_dict().values(), compiled.prompt.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_non_finite_loss_stops_without_touching_the_prompt(tmp_path, monkeypatch):
-    run(tmp_path, "--backbone", "flux", "--batch", "2", "--steps", "2")
+    run(tmp_path, batch=2, steps=2)
     before = weights.read_state_dict(tmp_path / "run" / "checkpoint.safetensors")
     velocity = backbone.Backbone.velocity
     monkeypatch.setattr(backbone.Backbone, "velocity", lambda self, x, t, p=None: velocity(self, x, t, p) * float("nan"))
     with pytest.raises(FloatingPointError, match="step 3: loss nan .* NOT updated"):
-        run(tmp_path, "--backbone", "flux", "--batch", "2", "--steps", "4", "--resume")
+        run(tmp_path, batch=2, steps=4, resume=True)
     after = weights.read_state_dict(tmp_path / "run" / "checkpoint.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -157,3 +167,16 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "tiny", "--backbone", "flux", "--frames", "9", "--out", str(tmp_path)])
     assert "--frames is for video" in capsys.readouterr().err
+
+
+def test_cli_chooses_the_backbone_by_name_with_its_defaults(tmp_path):
+    args = train.parse_args(["--backbone", "mini-flux", "--data", str(tmp_path), "--synthetic", "--degradation",
+                             "haze", "lowlight", "--out", str(tmp_path / "run")])
+    spec = backbone.BACKBONES["mini-flux"]
+    assert args.backbone_name == "mini-flux" and args.weights == spec.folder and args.size == spec.train_size
+    assert args.degradation == ["haze", "lowlight"]  # a mixture: one drawn per pair
+    same = train.parse_args(["--backbone", "flux", "--weights", str(spec.folder), "--data", str(tmp_path),
+                             "--out", str(tmp_path / "run")])
+    assert same.backbone_name == "mini-flux" and same.degradation == "unnamed"
+    tiny = train.parse_args(["--backbone", "tiny-wan", "--out", str(tmp_path / "run")])
+    assert tiny.backbone_name == "tiny-wan" and tiny.frames == 9 and tiny.weights is None
