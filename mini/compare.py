@@ -8,8 +8,9 @@ written as PNGs to mini/runs/eval/ (git-ignored) with manifests in the authors' 
 (`{"image_path", "target_path", "degradation", "dataset"}`, dataset = D): one per degradation and `all.json`.
 
 Rows (`ROWS`), each measured as PSNR and SSIM in RGB against the clean crop, per image, then averaged per
-degradation. The sampled rows go through `sample.py --eval` with its default settings (T0 0.4, 20 steps,
-t_min 1e-4, seed 0); the ceiling and the restoration net do not sample:
+degradation. The sampled rows are restored and measured as `sample.py --eval` does it (restore.evaluate) with the
+default settings (defaults.py: T0 0.4, 20 steps, t_min 1e-4, seed 0); the ceiling and the restoration net do not
+sample:
 
     input     the degraded input itself (sample.py's input_* columns)
     ceiling   the CLEAN crop's autoencoder round trip: no restoration through this autoencoder can do better
@@ -30,8 +31,6 @@ which the default restoration gains the most over its input).
 """
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import time
@@ -43,7 +42,9 @@ from torch import Tensor
 
 import backbone
 import data
-import sample
+import defaults
+import media
+import restore
 import weights
 from mini import images
 from mini.learn_prompts import DEGRADATIONS, MINI, SETTINGS, baseline_path
@@ -89,7 +90,7 @@ def build_eval_sets(folder: Path, degradations: tuple[str, ...] = DEGRADATIONS) 
         entries = []
         for name in images.HELDOUT:
             path = folder / eval_name(degradation, name)
-            data.write_image(path, degraded_crop(degradation, name))
+            media.write_image(path, degraded_crop(degradation, name))
             entries.append({"image_path": str(path.resolve()), "target_path": str((MINI / "heldout" / f"{name}.png").resolve()),
                             "degradation": degradation, "dataset": degradation})
         manifests[degradation] = folder / f"{degradation}.json"
@@ -103,21 +104,25 @@ def build_eval_sets(folder: Path, degradations: tuple[str, ...] = DEGRADATIONS) 
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def run_sample(args: list[str], out: Path) -> list[dict]:
-    """`sample.py --eval ... --save-images -o out` in this process (its printed table silenced); its per-image rows."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        sample.main([*args, "--save-images", "-o", str(out)])
-    return json.loads((out / "results.json").read_text())["items"]
+def run_sample(bb: backbone.Backbone, manifest: Path, out: Path, prompts: list[str] | None = None) -> list[dict]:
+    """What `sample.py --eval MANIFEST [--prompt P ...] --save-images -o out` computes (restore.evaluate, the
+    default sampler settings): the per-image rows; the restored images go to out/images. `prompts` None: the
+    miniature's default (all shipped prompts, velocities averaged); []: no prompt (`--no-prompt`)."""
+    files = restore.prompt_files(prompts or [], bb.spec, bb.folder, none=prompts == [])
+    velocity = restore.velocity_for(bb, [prompt for prompt, _ in restore.load_prompts(files, bb)])
+    return restore.evaluate(bb, velocity, restore.evaluation_items(manifest), restore.RestoreOptions(),
+                            images=out / "images")
 
 
 def score(restored: Tensor, clean: Tensor) -> dict[str, float]:
-    """PSNR and SSIM in RGB (sample.py's `measure`, no resize)."""
-    row = sample.measure(restored, clean, False, None)
+    """PSNR and SSIM in RGB (restore.measure, no resize)."""
+    row = restore.measure(restored, clean)
     return {"psnr": row["psnr"], "ssim": row["ssim"]}
 
 
 def sampled_rows(manifests: dict[str, Path], out: Path) -> dict[str, dict[str, list[dict]]]:
-    """{row: {degradation: [per-image {name, psnr, ssim}]}} for the rows that run sample.py, plus "input"."""
+    """{row: {degradation: [per-image {name, psnr, ssim}]}} for the rows that sample, plus "input"."""
+    bb = backbone.load_miniature(MINI)
     results: dict[str, dict[str, list[dict]]] = {}
 
     def keep(row: str, items: list[dict]) -> None:
@@ -125,15 +130,14 @@ def sampled_rows(manifests: dict[str, Path], out: Path) -> dict[str, dict[str, l
             results.setdefault(row, {}).setdefault(item["degradation"], []).append(
                 {"image": item["name"], "psnr": item["psnr"], "ssim": item["ssim"]})
 
-    items = run_sample(["--eval", str(manifests["all"]), "--no-prompt"], out / "empty")
+    items = run_sample(bb, manifests["all"], out / "empty", prompts=[])
     keep("empty", items)
     keep("input", [{**item, "psnr": item["input_psnr"], "ssim": item["input_ssim"]} for item in items])
-    keep("default", run_sample(["--eval", str(manifests["all"])], out / "default"))
+    keep("default", run_sample(bb, manifests["all"], out / "default"))
     for method in ("naive", "deep", "text", "token"):
         for degradation in DEGRADATIONS:
             prompt = baseline_path(degradation, method)
-            keep(method, run_sample(["--eval", str(manifests[degradation]), "--prompt", str(prompt)],
-                                    out / method / degradation))
+            keep(method, run_sample(bb, manifests[degradation], out / method / degradation, [str(prompt)]))
     return results
 
 
@@ -151,12 +155,12 @@ def direct_rows(eval_folder: Path, out: Path) -> dict[str, dict[str, list[dict]]
                                            for name in clean]
         results["net"][degradation] = []
         for name in clean:
-            degraded = data.read_image(eval_folder / eval_name(degradation, name))
+            degraded = media.read_image(eval_folder / eval_name(degradation, name))
             restored = net(degraded[None])[0].clamp(0, 1)
-            data.write_image(out / "net" / "images" / eval_name(degradation, name), restored)
+            media.write_image(out / "net" / "images" / eval_name(degradation, name), restored)
             results["net"][degradation].append({"image": eval_name(degradation, name), **score(restored, clean[name])})
     for name, image in round_trips.items():
-        data.write_image(out / "ceiling" / "images" / f"{name}.png", image)
+        media.write_image(out / "ceiling" / "images" / f"{name}.png", image)
     return results
 
 
@@ -174,20 +178,21 @@ def longer_rows(manifests: dict[str, Path], out: Path) -> dict[str, dict[str, di
     """Mean PSNR/SSIM of the prompts trained 4x longer (`python -m mini.learn_prompts --steps 1600 ...`), where
     they exist: {"deep-1600": {degradation: {"psnr", "ssim"}}}. Not in the main table: only the two
     degradations with room above the input, and only the method and the baseline that the table puts on top."""
+    bb = backbone.load_miniature(MINI)
     rows: dict[str, dict[str, list[dict]]] = {}
     for method in LONGER["methods"]:
         for degradation in LONGER["degradations"]:
             prompt = baseline_path(degradation, method, LONGER["steps"])
             if prompt.exists():
-                items = run_sample(["--eval", str(manifests[degradation]), "--prompt", str(prompt)],
-                                   out / f"{method}-{LONGER['steps']}" / degradation)
+                items = run_sample(bb, manifests[degradation], out / f"{method}-{LONGER['steps']}" / degradation,
+                                   [str(prompt)])
                 rows.setdefault(f"{method}-{LONGER['steps']}", {})[degradation] = items
     return means(rows)
 
 
 @torch.no_grad()
 def text_leverage(folder: Path = MINI, prompt_files: dict[str, Path] | None = None,
-                  t: float = 0.4) -> dict[str, dict[str, float]]:
+                  t: float = defaults.T0) -> dict[str, dict[str, float]]:
     """How far the text stream can move the miniature's velocity, at the bridge's start X_T0 = (1 - T0) Y + T0 eps
     of each degraded held-out latent Y (T0 = t, one seeded eps), as norms relative to the empty-prompt velocity v:
 
@@ -213,9 +218,7 @@ def text_leverage(folder: Path = MINI, prompt_files: dict[str, Path] | None = No
             y = bb.encode(degraded_crop(degradation, name)[None] * 2 - 1)
             x_t = (1 - t) * y + t * torch.randn(y.shape, generator=generator)
             v, v_prompt, v_star = bb.velocity(x_t, times), bb.velocity(x_t, times, prompt), (x_t - x0) / t
-            bb.txt = torch.randn(empty_txt.shape, generator=generator) * empty_txt.std()
-            v_random = bb.velocity(x_t, times)
-            bb.txt = empty_txt
+            v_random = bb.velocity(x_t, times, txt=torch.randn(empty_txt.shape, generator=generator) * empty_txt.std())
             rows.append({"needed": (v_star - v).norm() / v.norm(), "random_text": (v_random - v).norm() / v.norm(),
                          "deep_prompt": (v_prompt - v).norm() / v.norm(),
                          "gap_closed": 1 - (v_star - v_prompt).norm() / (v_star - v).norm()})
@@ -328,7 +331,8 @@ def main() -> None:
     example = pick_example(per_image, eval_folder)
     seconds = time.time() - start
     result = {
-        "protocol": {"sampler": {"t0": 0.4, "steps": 20, "t_min": 1e-4, "seed": 0}, "metrics": "PSNR, SSIM on RGB "
+        "protocol": {"sampler": {"t0": defaults.T0, "steps": defaults.STEPS, "t_min": defaults.T_MIN,
+                                 "seed": defaults.SEED}, "metrics": "PSNR, SSIM on RGB "
                      "8-bit levels (metrics.py), 256 x 256 crops, no resize", "eval_seeds": EVAL_SEEDS,
                      "prompt_training": SETTINGS, "threads": args.threads},
         "rows": ROWS, "mean": summary, "per_image": per_image, "grid_columns": columns, "grid_rows": GRID_ROWS,

@@ -12,9 +12,9 @@ import torch
 
 import backbone
 import bridge
-import data
+import media
 import prompts
-import sample
+import restore
 import weights
 from mini import compare, images
 from mini.pretrain_ae import psnr
@@ -106,17 +106,19 @@ def one_thread():
 
 
 def _psnr_rgb(restored, clean) -> float:
-    return sample.measure(restored, clean, False, None)["psnr"]
+    return restore.measure(restored, clean)["psnr"]
 
 
 def test_shipped_prompt_reproduces_the_table(tmp_path, one_thread):
     """One figure of the README table, recomputed from the shipped weights and one shipped deep prompt with the
-    table's protocol: the four held-out crops degraded from their fixed seeds, `sample.py --eval` with the default
-    sampler settings, the mean PSNR over the crops."""
+    table's protocol: the four held-out crops degraded from their fixed seeds, restored and measured as
+    `sample.py --eval` does (restore.evaluate) with the default sampler settings, the mean PSNR over the crops."""
     degradation = "lowlight"
     manifest = compare.build_eval_sets(tmp_path / "eval", [degradation])[degradation]
-    sample.main(["--eval", str(manifest), "--prompt", degradation, "-o", str(tmp_path / "out")])
-    items = json.loads((tmp_path / "out" / "results.json").read_text())["items"]
+    bb = backbone.load("mini-flux")
+    (prompt, _), = restore.load_prompts(restore.prompt_files([degradation], bb.spec, bb.folder), bb)
+    items = restore.evaluate(bb, restore.velocity_for(bb, [prompt]), restore.evaluation_items(manifest),
+                             restore.RestoreOptions())
     score = sum(item["psnr"] for item in items) / len(items)
     recorded = RESULTS["mean"]["deep"][degradation]["psnr"]
     print(f"{degradation}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
@@ -133,7 +135,7 @@ def test_default_command_beats_the_degraded_input(tmp_path):
     subprocess.run([sys.executable, "sample.py", "--image", "mini/example.png", "-o", str(out)], cwd=root, env=env,
                    check=True, capture_output=True)
     clean = images.heldout_crops()[RESULTS["example"]["image"]]
-    before, after = _psnr_rgb(data.read_image(MINI / "example.png"), clean), _psnr_rgb(data.read_image(out), clean)
+    before, after = _psnr_rgb(media.read_image(MINI / "example.png"), clean), _psnr_rgb(media.read_image(out), clean)
     print(f"example.png: input {before:.2f} dB -> restored {after:.2f} dB")
     assert after > before
     assert abs(after - RESULTS["example"]["psnr_default"]) < TABLE_TOLERANCE_DB

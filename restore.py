@@ -1,0 +1,304 @@
+"""Restoration with a frozen backbone and learned prompts: images, videos, evaluation items.
+
+sample.py is a command line over these functions; a web page or a notebook calls them the same way. Everything
+a request chooses (prompts, text, steps, T0, seed, tiles, chunks) is an argument: nothing here changes the
+backbone, so one loaded backbone serves any number of different requests.
+
+    bb = backbone.load("mini-flux")
+    files = prompt_files(["haze"], bb.spec, bb.folder)       # paths, or the names of a miniature's shipped prompts
+    loaded = load_prompts(files, bb)                         # [(prompt, metadata)], checked against the backbone
+    velocity = velocity_for(bb, [prompt for prompt, _ in loaded])   # several prompts: velocities averaged
+    image = restore_image(bb, velocity, image, RestoreOptions(steps=20), progress=print)
+    video = restore_video(bb, velocity, video, RestoreOptions(chunk_frames=33))
+    restored, row = evaluate_item(bb, velocity, item, RestoreOptions())
+
+A restoration encodes the degraded input, walks the bridge from T0 to t_min with the prompted model (bridge.py)
+and decodes. Sizes are kept exactly: images are reflect-padded to a multiple of 16 and cropped back, never
+resized; images larger than the tile are restored in overlapping tiles blended without seams (VAE and
+transformer); videos of any length are restored in overlapping 4k+1-frame chunks blended across the overlap.
+Progress is reported through `progress(done, total)` after every model evaluation (it may raise to cancel);
+errors are exceptions (ValueError for a bad input or request).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import backbone as backbones
+import bridge
+import data
+import defaults
+import media
+import metrics
+import prompts
+import runtime
+import text
+import weights
+from model import tiling
+
+ProgressFn = Callable[[int, int], None]  # (model evaluations done, total) of one restoration
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """The sampler's and the sizes' settings of one restoration (validated on construction)."""
+
+    steps: int = defaults.STEPS  # model evaluations on the bridge
+    t0: float = defaults.T0  # bridge start time
+    t_min: float = defaults.T_MIN  # the sampler's last time
+    seed: int = defaults.SEED  # seed of the starting noise (video chunk i: defaults.mix_seed(seed, i))
+    tile: int | None = None  # pixels: larger images are restored in tiles (None: the backbone's, Spec.tile)
+    chunk_frames: int = defaults.CHUNK_FRAMES  # video chunk length, 4k+1
+    chunk_overlap: int = defaults.CHUNK_OVERLAP  # frames shared by neighbouring chunks
+
+    def __post_init__(self):
+        if self.steps < 1 or not 0 < self.t_min <= self.t0 <= 1:
+            raise ValueError(f"need steps >= 1 and 0 < t_min <= T0 <= 1, got steps={self.steps}, "
+                             f"t_min={self.t_min}, T0={self.t0}")
+        if self.tile is not None and (self.tile % 32 or self.tile < 64):
+            raise ValueError(f"the tile must be a multiple of 32, at least 64 pixels, got {self.tile}")
+        if not defaults.is_clip_length(self.chunk_frames) or not 0 <= self.chunk_overlap < self.chunk_frames:
+            raise ValueError(f"video chunks must have 4k+1 frames and overlap by [0, chunk frames) frames, got "
+                             f"{self.chunk_frames} frames overlapping by {self.chunk_overlap}")
+
+
+def tile_for(bb: backbones.Backbone, options: RestoreOptions) -> int:
+    """The tile size in pixels: the request's, else the backbone's (Spec.tile), else FLUX.1's."""
+    if options.tile is not None:
+        return options.tile
+    return bb.spec.tile if bb.spec is not None else defaults.TILE
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def prompt_files(requested: Sequence[str], spec: backbones.Spec, folder: Path | None, none: bool = False) -> list[Path]:
+    """The prompt files a request names, before any model is loaded.
+
+    A path is itself. With a miniature (`spec.source` "miniature", loaded from `folder`) a bare name ("haze")
+    is one of its shipped prompts, folder/prompts/NAME.safetensors. Nothing requested: a miniature's default,
+    all its shipped prompts (velocities averaged); no prompt for the other backbones (the plain pre-trained
+    model). `none`: no prompt at all (the no-learning baseline)."""
+    if none:
+        return []
+    shipped = sorted((folder / "prompts").glob("*.safetensors")) if spec.source == "miniature" else []
+    paths = []
+    for file in requested:
+        path = Path(file)
+        if spec.source == "miniature" and not path.suffix and not path.exists():
+            path = folder / "prompts" / f"{path.name}.safetensors"
+            if not path.is_file():
+                raise ValueError(f"no shipped miniature prompt named {file!r}; shipped: {[p.stem for p in shipped]}")
+        paths.append(path)
+    return paths if requested else shipped
+
+
+def needs_text_encoders(files: Sequence[Path]) -> bool:
+    """Whether any of the prompt files is a text-token prompt (the backbone must then keep its text encoders)."""
+    return any(weights.read_metadata(f).get("site") == "token" for f in files if f.suffix == ".safetensors")
+
+
+def load_prompts(files: Sequence[Path], bb: backbones.Backbone) -> list[tuple[nn.Module, dict]]:
+    """[(prompt, metadata)] of the files, each checked against the backbone (kind and config), attached to it
+    (a text-token prompt runs through its text encoders) and on its device."""
+    loaded = []
+    for path in files:
+        prompt, meta = prompts.load_prompt(path, backbone=bb.kind)
+        if meta["config"] != bb.config:
+            raise ValueError(f"{path}: this prompt was trained for {meta['config']}, the backbone is {bb.config}")
+        loaded.append((bb.attach(prompt.eval()).to(bb.device), meta))
+    return loaded
+
+
+def t0_warnings(files: Sequence[Path], metas: Sequence[dict], t0: float) -> list[str]:
+    """One line per prompt trained at another bridge T0 than the one sampled at (`t0`)."""
+    return [f"{Path(f).name} was trained at T0 {meta['t0']}; sampling at T0 {t0}"
+            for f, meta in zip(files, metas) if "t0" in meta and meta["t0"] != t0]
+
+
+def check_text_prompting(spec: backbones.Spec | None) -> None:
+    """Text prompting needs an official snapshot's text encoders and tokenizers: a ValueError otherwise."""
+    if spec is None or spec.source != "snapshot":
+        raise ValueError("--text needs an official snapshot with its text encoders and tokenizers (--flux or --wan)")
+
+
+def text_conditioning(bb: backbones.Backbone, words: str, cache: Path | None = None) -> tuple[Tensor, Tensor | None]:
+    """The base conditioning of `words` instead of the empty prompt's (the text-prompting baseline): (txt
+    [1, L, text_width], pooled [1, 768] for FLUX or None), encoded by the snapshot's text encoders (cached on
+    disk in `cache`). The backbone itself is not changed."""
+    check_text_prompting(bb.spec)
+    length = bb.txt.shape[1]
+    if bb.kind == "flux":
+        return text.flux_text([words], bb.folder, length, bb.device, bb.dtype, cache)
+    return text.wan_text([words], bb.folder, length, bb.device, bb.dtype, cache), None
+
+
+def velocity_for(bb: backbones.Backbone, prompt_modules: Sequence[nn.Module] = (),
+                 conditioning: tuple[Tensor, Tensor | None] | None = None) -> bridge.VelocityFn:
+    """The velocity the sampler walks with: the plain pre-trained model (no prompt), one prompt's, or the average
+    of several prompts' velocities at every step (the paper's recipe for mixed degradations). `conditioning`
+    (from `text_conditioning`) replaces the empty prompt's for this velocity only."""
+    txt, pooled = conditioning if conditioning is not None else (None, None)
+    if not prompt_modules:
+        return lambda x, t: bb.velocity(x, t, None, txt, pooled)
+    velocities = [lambda x, t, p=p: bb.velocity(x, t, p, txt, pooled) for p in prompt_modules]
+    return velocities[0] if len(velocities) == 1 else bridge.average_velocity(velocities)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def pad_to_16(pixels: Tensor) -> Tensor:
+    """Reflect-pad the last two axes (H, W) up to multiples of 16; crop the result back with [..., :H, :W]."""
+    height, width = pixels.shape[-2:]
+    multiple = defaults.SIZE_MULTIPLE
+    if min(height, width) < multiple:
+        raise ValueError(f"the input is {height}x{width} pixels; the smallest size that can be restored is "
+                         f"{multiple}x{multiple}")
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return pixels
+    flat = pixels.reshape(-1, *pixels.shape[-3:]) if pixels.ndim > 3 else pixels[None]
+    padded = F.pad(flat, (0, pad_w, 0, pad_h), mode="reflect")
+    return padded.reshape(*pixels.shape[:-2], height + pad_h, width + pad_w)
+
+
+def tiled_velocity(velocity: bridge.VelocityFn, tile: int, overlap: int) -> bridge.VelocityFn:
+    """Velocity on latents [B, C, h, w] larger than `tile` latent pixels, from overlapping tiles cross-faded."""
+
+    def tiled(x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[-2] <= tile and x.shape[-1] <= tile:
+            return velocity(x, t)
+        return tiling.run_tiled(lambda crop: velocity(crop, t), x, tile, overlap, in_scale=1, out_scale=1)
+
+    return tiled
+
+
+@torch.no_grad()
+def restore_image(bb: backbones.Backbone, velocity: bridge.VelocityFn, image: Tensor, options: RestoreOptions,
+                  progress: ProgressFn | None = None) -> Tensor:
+    """image [3, H, W] in [0, 1] -> restored [3, H, W] in [0, 1] (CPU). Larger than the tile: tiled throughout."""
+    height, width = image.shape[-2:]
+    tile = tile_for(bb, options)
+    pixels = pad_to_16(image)[None] * 2 - 1
+    large = max(pixels.shape[-2:]) > tile
+    y = bb.encode(pixels, tile=tile if large else None)
+    eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(options.seed)).to(y.device)
+    latent_tile = tile // bb.vae.downscale  # image pixels per latent pixel
+    velocity = tiled_velocity(velocity, latent_tile, defaults.tile_overlap(latent_tile)) if large else velocity
+    x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=progress)
+    out = bb.decode(x0, tile=tile if large else None)
+    return ((out[0] + 1) / 2).clamp(0, 1)[:, :height, :width].cpu()
+
+
+# ---------------------------------------------------------------------------------------------- videos
+
+
+def chunk_plan(frames: int, chunk: int, overlap: int) -> tuple[int, list[int]]:
+    """(chunk length, chunk starts) covering `frames`: chunks of 4k+1 frames (at most `chunk`, at most the clip)
+    whose neighbours share at least `overlap` frames (fewer when the clip is too short to allow it)."""
+    length = min(chunk, defaults.clip_length_at_most(frames))
+    return length, tiling.tile_starts(frames, length, min(overlap, length - 1))
+
+
+@torch.no_grad()
+def restore_video(bb: backbones.Backbone, velocity: bridge.VelocityFn, video: Tensor, options: RestoreOptions,
+                  progress: ProgressFn | None = None, rank: int = 0, world: int = 1) -> Tensor:
+    """video [3, F, H, W] in [0, 1] -> restored [3, F, H, W] (CPU): overlapping 4k+1-frame chunks, cross-faded.
+
+    With several processes (`rank` of `world`) the chunks are shared out over the ranks and every rank returns
+    the blended whole; `progress` counts this rank's model evaluations."""
+    height, width = video.shape[2:]
+    length, starts = chunk_plan(video.shape[1], options.chunk_frames, options.chunk_overlap)
+    mine = list(range(rank, len(starts), world))
+    total = len(mine) * options.steps
+    restored = {}
+    for done, index in enumerate(mine):
+        clip = pad_to_16(video[:, starts[index] : starts[index] + length])[None] * 2 - 1
+        y = bb.encode(clip)
+        noise = torch.Generator().manual_seed(defaults.mix_seed(options.seed, index))
+        eps = torch.randn(y.shape, generator=noise).to(y.device)
+        on_step = None if progress is None else (
+            lambda step, _, before=done * options.steps: progress(before + step, total))
+        x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
+        restored[index] = ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
+    return tiling.blend_chunks(runtime.gather(restored, world), starts, length, options.chunk_overlap)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluation_items(path: Path) -> list[data.ManifestItem]:
+    """The (degraded, clean) items of a JSON manifest or of a folder with degraded/ and clean/ (those have
+    degradation "unknown" and dataset "paired")."""
+    if path.suffix == ".json":
+        return data.Manifest(path, None).items
+    return [data.ManifestItem(degraded, clean, "unknown", "paired") for clean, degraded in
+            data.PairedFolders(path, None).pairs]
+
+
+def item_name(item: data.ManifestItem) -> str:
+    """An item's name in the results: its degraded file's name (a video's: its frames' folder)."""
+    return item.degraded[0].parent.name if isinstance(item.degraded, list) else item.degraded.name
+
+
+def measure(pred: Tensor, target: Tensor, resize: int | None = None, lpips: metrics.LPIPS | None = None) -> dict:
+    """PSNR and SSIM (RGB and Y; metrics.py states the conventions) of pred against target, both [3, H, W] or
+    videos [3, F, H, W] (the mean over frames); resized to `resize` x `resize` first when given (the paper's
+    512); LPIPS if its weights were loaded."""
+    if resize is not None:
+        pred, target = metrics.resize_to(pred, resize), metrics.resize_to(target, resize)
+    video = True if pred.ndim == 4 else None
+    row = {"psnr": metrics.psnr(pred, target, video=video), "ssim": metrics.ssim(pred, target, video=video),
+           "psnr_y": metrics.psnr(pred, target, channel="y", video=video),
+           "ssim_y": metrics.ssim(pred, target, channel="y", video=video)}
+    if lpips is not None:
+        device = next(lpips.parameters()).device
+        row["lpips"] = lpips.score(pred.to(device), target.to(device), video=video)
+    return row
+
+
+def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn, item: data.ManifestItem,
+                  options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
+                  progress: ProgressFn | None = None) -> tuple[Tensor, dict]:
+    """Read an item, restore its degraded input and measure it: (restored, row). The row names the item and
+    holds `measure`'s figures of the restoration and, as input_*, of the degraded input itself."""
+    if isinstance(item.degraded, list):
+        degraded = media.read_clip(item.degraded, 0, len(item.degraded))
+        clean = media.read_clip(item.clean, 0, len(item.clean))
+        restore = restore_video
+    else:
+        degraded, clean = media.read_image(item.degraded), media.read_image(item.clean)
+        restore = restore_image
+    name = item_name(item)
+    if degraded.shape != clean.shape:
+        raise ValueError(f"{name}: input {list(degraded.shape)} and target {list(clean.shape)} differ in size")
+    restored = restore(bb, velocity, degraded, options, progress)
+    row = {"name": name, "dataset": item.dataset, "degradation": item.degradation,
+           **measure(restored, clean, resize, lpips),
+           **{f"input_{k}": v for k, v in measure(degraded, clean, resize, lpips).items()}}
+    return restored, row
+
+
+def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn, items: Sequence[data.ManifestItem],
+             options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
+             images: Path | None = None, progress: Callable[[str], ProgressFn | None] | None = None,
+             rank: int = 0, world: int = 1) -> list[dict]:
+    """`evaluate_item` of every item, in order: the rows (every rank returns all of them; the items are shared
+    out over the ranks). `images`: also write each restored image there as NAME.png. `progress(label)` makes
+    the progress callback of one item from its label ("name (3/10)")."""
+    rows = {}
+    for number, item in enumerate(items):
+        if number % world != rank:
+            continue
+        label = f"{item_name(item)} ({number + 1}/{len(items)})"
+        restored, rows[number] = evaluate_item(bb, velocity, item, options, resize, lpips,
+                                               progress(label) if progress is not None else None)
+        if images is not None and not isinstance(item.degraded, list):
+            media.write_image(images / f"{Path(rows[number]['name']).stem}.png", restored)
+    rows = runtime.gather(rows, world)
+    return [rows[i] for i in sorted(rows)]

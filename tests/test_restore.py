@@ -1,0 +1,165 @@
+"""restore.py on the tiny preset: prompts, tiles and chunks behave as identities where they should, blends have no
+seams, requests are validated, per-request conditioning leaves the backbone as it was."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from snapshots import make_flux_snapshot, official_configs
+
+import backbone
+import data
+import prompts
+import restore
+from model import tiling
+
+
+def options(**overrides) -> restore.RestoreOptions:
+    return restore.RestoreOptions(**{"steps": 3, "chunk_frames": 9, "chunk_overlap": 4, **overrides})
+
+
+def odd_image() -> torch.Tensor:
+    """[3, 40, 56] (not a multiple of 16), on 8-bit levels as an image file holds them."""
+    return data.toy_images(1, 40, 56, seed=1)[0].mul(255).round().div(255)
+
+
+def test_zero_gate_prompt_is_the_plain_pretrained_bridge():
+    bb = backbone.tiny("flux")
+    image = odd_image()
+    prompt = bb.new_prompt("deep", 8)  # gates at 0: untrained
+    plain = restore.restore_image(bb, bb.velocity, image, options(tile=256))
+    gated = restore.restore_image(bb, lambda x, t: bb.velocity(x, t, prompt), image, options(tile=256))
+    assert torch.equal(plain, gated)
+    with torch.no_grad():
+        prompt.alphas.fill_(20.0)  # P ~ N(0, 0.02^2): the gate must open wide to move a random tiny model
+    opened = restore.restore_image(bb, lambda x, t: bb.velocity(x, t, prompt), image, options(tile=256))
+    assert (opened - plain).abs().max() > 1e-3
+
+
+def test_tiles_covering_the_image_change_nothing():
+    bb = backbone.tiny("flux")
+    latent = torch.randn(1, 16, 16, 24)
+    t = torch.full((1,), 0.3)
+    with torch.no_grad():  # the tiled velocity with one covering tile is exactly the velocity
+        assert torch.equal(restore.tiled_velocity(bb.velocity, 24, 4)(latent, t), bb.velocity(latent, t))
+    image = data.toy_images(1, 64, 128, seed=5)[0]
+    whole = restore.restore_image(bb, bb.velocity, image, options(steps=2, tile=256))
+    tiled = restore.restore_image(bb, bb.velocity, image, options(steps=2, tile=64))  # 2 tiles, 16-px fades
+    assert tiled.shape == whole.shape
+    assert (tiled - whole).abs().mean() < 0.25  # each tile sees less context: close, not equal
+
+
+def test_tiles_that_disagree_leave_no_seam():
+    """Each tile's velocity is a different constant (its crop's mean): across the tiles' cross-fades the result
+    may change by at most (spread of the constants) / overlap per pixel; a hard seam would jump by the spread."""
+    latent = torch.randn(1, 16, 40, 56) + torch.linspace(0, 8, 56)
+    velocity = restore.tiled_velocity(lambda x, t: torch.zeros_like(x) + x.mean(), tile=16, overlap=6)
+    out = velocity(latent, torch.zeros(1))
+    starts = [(r, c) for r in tiling.tile_starts(40, 16, 6) for c in tiling.tile_starts(56, 16, 6)]
+    means = torch.tensor([latent[..., r : r + 16, c : c + 16].mean() for r, c in starts])
+    step = max((out[..., 1:] - out[..., :-1]).abs().max(), (out[..., 1:, :] - out[..., :-1, :]).abs().max())
+    assert step <= (means.max() - means.min()) / 6 + 1e-5
+    assert (means.max() - means.min()) > 3 * step  # the tiles really disagree
+
+
+def test_chunk_plan():
+    assert restore.chunk_plan(33, 33, 8) == (33, [0])
+    assert restore.chunk_plan(10, 33, 8) == (9, [0, 1])
+    assert restore.chunk_plan(1, 33, 8) == (1, [0])
+    length, starts = restore.chunk_plan(100, 33, 8)
+    assert length == 33 and starts[0] == 0 and starts[-1] + length == 100
+    assert all(b - a <= length - 8 for a, b in zip(starts, starts[1:]))
+
+
+def test_video_chunks_covering_the_clip_change_nothing():
+    bb = backbone.tiny("wan")
+    video = data.toy_videos(1, 9, 16, 16, seed=6)[0]
+    single = restore.restore_video(bb, bb.velocity, video, options(chunk_frames=9))
+    covering = restore.restore_video(bb, bb.velocity, video, options(chunk_frames=33))
+    assert torch.equal(single, covering)
+    long = data.toy_videos(1, 17, 16, 16, seed=6)[0]
+    chunked = restore.restore_video(bb, bb.velocity, long, options(chunk_frames=9, chunk_overlap=4))
+    assert chunked.shape == long.shape and torch.isfinite(chunked).all()
+
+
+def test_chunks_that_disagree_blend_without_jumps():
+    length, starts = restore.chunk_plan(40, 9, 4)
+    chunks = {i: torch.full((3, length, 2, 2), float(i % 2)) for i in range(len(starts))}  # alternate 0 and 1
+    video = tiling.blend_chunks(chunks, starts, length, 4)
+    assert video.shape == (3, 40, 2, 2)
+    assert (video[:, 1:] - video[:, :-1]).abs().max() <= 1 / 4 + 1e-6  # a hard cut would jump by 1
+    assert torch.equal(video[:, :2], chunks[0][:, :2])  # frames only one chunk covers are that chunk's
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"steps": 0}, "steps >= 1"), ({"t0": 0.4, "t_min": 0.5}, "t_min <= T0"), ({"t0": 1.5}, "T0 <= 1"),
+    ({"tile": 100}, "multiple of 32"), ({"tile": 32}, "at least 64"), ({"chunk_frames": 8}, "4k\\+1"),
+    ({"chunk_frames": 9, "chunk_overlap": 9}, "overlap"),
+])
+def test_options_refuse_what_the_sampler_cannot_do(settings, message):
+    with pytest.raises(ValueError, match=message):
+        restore.RestoreOptions(**settings)
+
+
+def test_tile_defaults_to_the_backbone_table():
+    assert restore.tile_for(backbone.tiny("flux"), restore.RestoreOptions()) == backbone.BACKBONES["tiny-flux"].tile
+    assert restore.tile_for(backbone.tiny("flux"), restore.RestoreOptions(tile=512)) == 512
+    assert backbone.BACKBONES["flux-dev"].tile == 1024 and backbone.BACKBONES["mini-flux"].tile == 256
+
+
+def test_prompt_files_by_shipped_name_default_and_none():
+    spec = backbone.BACKBONES["mini-flux"]
+    shipped = sorted((spec.folder / "prompts").glob("*.safetensors"))
+    assert shipped and restore.prompt_files([], spec, spec.folder) == shipped  # the miniature's default: all
+    assert restore.prompt_files(["haze"], spec, spec.folder) == [spec.folder / "prompts" / "haze.safetensors"]
+    assert restore.prompt_files([], spec, spec.folder, none=True) == []
+    assert restore.prompt_files([], backbone.BACKBONES["tiny-flux"], None) == []  # not a miniature: no prompt
+    with pytest.raises(ValueError, match="no shipped miniature prompt named 'fog'"):
+        restore.prompt_files(["fog"], spec, spec.folder)
+
+
+def test_prompts_are_checked_against_the_backbone(tmp_path):
+    bb = backbone.tiny("flux")
+    prompt = bb.new_prompt("deep", 8)
+    meta = {"backbone": "flux", "config": "other-flux", "site": "deep"}
+    prompts.save_prompt(prompt, tmp_path / "p.safetensors", meta)
+    with pytest.raises(ValueError, match="trained for other-flux, the backbone is tiny-flux"):
+        restore.load_prompts([tmp_path / "p.safetensors"], bb)
+
+
+def test_t0_warning_names_the_prompt_and_both_times():
+    metas = [{"t0": 0.4}, {"t0": 0.3}, {}]
+    files = [Path("a.safetensors"), Path("runs/b/a.safetensors"), Path("c.safetensors")]
+    assert restore.t0_warnings(files, metas, 0.4) == ["a.safetensors was trained at T0 0.3; sampling at T0 0.4"]
+    assert restore.t0_warnings(files, metas, 0.3) == ["a.safetensors was trained at T0 0.4; sampling at T0 0.3"]
+    assert restore.t0_warnings(files[:1], metas[:1], 0.4) == []
+
+
+@torch.no_grad()
+def test_text_conditioning_is_per_request(tmp_path, monkeypatch):
+    """The text-prompting baseline changes the velocity it is built into, not the backbone: the empty-prompt
+    velocity stays exactly what it was (a page serving several requests shares one backbone)."""
+    snapshot = make_flux_snapshot(tmp_path / "FLUX.1-dev")
+    official_configs(monkeypatch, snapshot)
+    bb = backbone.load("flux", snapshot, torch.float32, "cpu", text_cache=tmp_path / "cache")
+    x, t = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0)), torch.full((1,), 0.3)
+    empty = bb.velocity(x, t)
+    txt, pooled = bb.txt.clone(), bb.pooled.clone()
+    texted = restore.velocity_for(bb, (), restore.text_conditioning(bb, "a sharp clean photo", tmp_path / "cache"))
+    assert not torch.equal(texted(x, t), empty)
+    assert torch.equal(bb.txt, txt) and torch.equal(bb.pooled, pooled)
+    assert torch.equal(restore.velocity_for(bb)(x, t), empty)
+    with pytest.raises(ValueError, match="needs an official snapshot"):
+        restore.text_conditioning(backbone.tiny("flux"), "a photo")
+
+
+@torch.no_grad()
+def test_several_prompts_average_their_velocities():
+    bb = backbone.tiny("wan")
+    first, second = bb.new_prompt("deep", 8), bb.new_prompt("deep", 8)
+    for prompt, gate in ((first, 5.0), (second, -3.0)):
+        prompt.alphas.fill_(gate)
+    x, t = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0)), torch.full((1,), 0.3)
+    mixed = restore.velocity_for(bb, [first, second])(x, t)
+    expected = (bb.velocity(x, t, first) + bb.velocity(x, t, second)) / 2
+    assert torch.allclose(mixed, expected, atol=1e-6) and not torch.allclose(mixed, bb.velocity(x, t, first))
