@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import data
+import media
 import weights
 from mini.pretrain_ae import Checkpoint, psnr
-from mini.wan import clips, load, pretrain_vae, pretrain_wan
+import backbone
+from mini.wan import clips, pretrain_vae, pretrain_wan
 from model import wan as wan_model
 from model.t5 import UMT5Encoder
 from model.wan_vae import WanVAE, WanVAEConfig
@@ -27,7 +29,7 @@ def textured(frames: int, height: int, width: int, seed: int) -> torch.Tensor:
 
 def test_held_out_and_degraded_footage_are_never_loaded(tmp_path):
     for name in ("bikes.mp4", "carphone_distorted.mp4", "street.mp4"):
-        data.write_video(tmp_path / name, textured(5, 48, 64, seed=len(name)), 16)
+        media.write_video(tmp_path / name, textured(5, 48, 64, seed=len(name)), 16)
     footage = clips.load_footage(tmp_path)
     assert list(footage) == ["street.mp4"]
     assert footage["street.mp4"].shape == (5, 3, 48, 64) and footage["street.mp4"].dtype == torch.uint8
@@ -68,9 +70,9 @@ def tiny_miniature(folder: Path) -> None:
 
 def test_loader_is_strict_and_conditions_on_the_pretraining_empty_prompt(tmp_path):
     tiny_miniature(tmp_path)
-    bb = load.load_miniature(tmp_path)
+    bb = backbone.load_miniature(tmp_path)
     umt5 = weights.build(UMT5Encoder, pretrain_wan.UMT5, tmp_path / "umt5.safetensors")
-    assert bb.kind == "wan" and bb.config == load.CONFIG_NAME
+    assert bb.kind == "wan" and bb.config == backbone.BACKBONES["mini-wan"].config
     assert torch.equal(bb.txt, pretrain_wan.encode_caption([], umt5))
     # the text-token site with no learned token gives that same context (the baseline starts from it)
     site_txt, _ = bb.token_site(torch.zeros(1, 0, umt5.config.d_model))
@@ -81,7 +83,7 @@ def test_loader_is_strict_and_conditions_on_the_pretraining_empty_prompt(tmp_pat
     state.pop("head.modulation")
     weights.save_safetensors(state, tmp_path / "wan.safetensors")
     with pytest.raises(weights.CheckpointError):
-        load.load_miniature(tmp_path)
+        backbone.load_miniature(tmp_path)
 
 
 def test_vae_training_reduces_the_loss_and_resumes_exactly(tmp_path):
@@ -118,9 +120,9 @@ def test_vae_training_reduces_the_loss_and_resumes_exactly(tmp_path):
 
 @pytest.mark.skipif(not SHIPPED, reason="the video miniature's weights are not shipped yet")
 def test_shipped_vae_round_trip_on_the_committed_heldout_clip():
-    bb = load.load_miniature(WAN_MINI)
+    bb = backbone.load_miniature(WAN_MINI)
     figures = json.loads((WAN_MINI / "figures.json").read_text())["wan_vae"]
-    clean = data.read_video(WAN_MINI / "heldout.mp4").frames[:, :17]
+    clean = media.read_video(WAN_MINI / "heldout.mp4").frames[:, :17]
     recon = (bb.decode(bb.encode(clean[None] * 2 - 1))[0] + 1) / 2
     measured = psnr(recon, clean)
     print(f"held-out round trip {measured:.2f} dB (figures.json: {figures['heldout_clip_psnr_db']} dB)")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import data
+import media
 from mini import images
 
 HELDOUT = "bikes.mp4"
@@ -33,6 +34,7 @@ EXCLUDED = ("carphone_distorted.mp4",)
 VIDEO_SIDE = 144  # short side of the decoded training footage (the source videos are 144-576 px high)
 HELDOUT_SIZE = (96, 224)  # bikes.mp4 is 272 x 640: resized by 96/272 to 96 x 226, centre-cropped to 224 px wide
 HELDOUT_FRAMES = 49
+EXAMPLE_LOOK, EXAMPLE_SEED = "rain", 0  # mini/wan/example.mp4: the held-out clip with this degradation
 PHOTO_SHARE = 0.5  # share of training clips made by camera motion over photos
 
 
@@ -47,10 +49,10 @@ def load_footage(folder: str | Path) -> dict[str, Tensor]:
     """name -> uint8 [F, 3, H, W] of every training video under `folder` (HELDOUT and EXCLUDED left out), the
     short side resized to at most VIDEO_SIDE px."""
     footage = {}
-    for path in data.list_videos(folder):
+    for path in media.list_videos(folder):
         if path.name == HELDOUT or path.name in EXCLUDED:
             continue
-        frames = data.read_video(path).frames.transpose(0, 1)  # [F, 3, H, W] in [0, 1]
+        frames = media.read_video(path).frames.transpose(0, 1)  # [F, 3, H, W] in [0, 1]
         height, width = frames.shape[-2:]
         scale = min(1.0, VIDEO_SIDE / min(height, width))
         size = (round(height * scale), round(width * scale))
@@ -62,7 +64,7 @@ def load_footage(folder: str | Path) -> dict[str, Tensor]:
 
 def heldout_clip(folder: str | Path, frames: int = HELDOUT_FRAMES, size: tuple[int, int] = HELDOUT_SIZE) -> Tensor:
     """The held-out clip [3, frames, H, W] in [0, 1]: HELDOUT's first frames, resized to height H, centre-cropped."""
-    video = data.read_clip(Path(folder) / HELDOUT, 0, frames).transpose(0, 1)  # [F, 3, 272, 640]
+    video = media.read_clip(Path(folder) / HELDOUT, 0, frames).transpose(0, 1)  # [F, 3, 272, 640]
     height, width = video.shape[-2:]
     resized = _resize(video, (size[0], round(width * size[0] / height)))
     left = (resized.shape[-1] - size[1]) // 2
@@ -151,7 +153,14 @@ def main() -> None:
     p.add_argument("--video", type=Path, required=True, help="the video/ folder")
     p.add_argument("--photos", type=Path, help="the photos/ folder")
     p.add_argument("--strip", type=Path, help="write a strip of a few random training clips' frames (PNG)")
+    p.add_argument("--write-heldout", type=Path, metavar="FOLDER", help="write FOLDER/heldout.mp4 (the held-out clip, "
+                   f"{HELDOUT_FRAMES} frames at its 25 fps) and FOLDER/example.mp4 (the same clip with {EXAMPLE_LOOK})")
     args = p.parse_args()
+    if args.write_heldout:
+        clean = heldout_clip(args.video)
+        media.write_video(args.write_heldout / "heldout.mp4", clean, 25)
+        degraded = data.DEGRADATIONS[EXAMPLE_LOOK](clean, torch.Generator().manual_seed(EXAMPLE_SEED))
+        media.write_video(args.write_heldout / "example.mp4", degraded, 25)
     footage = load_footage(args.video)
     print({name: list(v.shape) for name, v in footage.items()})
     print("held-out", list(heldout_clip(args.video).shape))
@@ -159,7 +168,7 @@ def main() -> None:
         photos = images.load_photos(args.photos)
         clips = random_clips(footage, photos, 6, 9, 64, torch.Generator().manual_seed(0))
         rows = [torch.cat(list(c.unbind(1)), dim=-1) for c in clips]  # [3, 64, 9 * 64]
-        data.write_image(args.strip, torch.cat(rows, dim=-2))
+        media.write_image(args.strip, torch.cat(rows, dim=-2))
 
 
 if __name__ == "__main__":

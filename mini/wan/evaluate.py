@@ -8,7 +8,8 @@ Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with 
   empty prompt   the bridge with the plain pre-trained model (no learned prompt)
   method         the bridge with the degradation's own deep prompt (mini/wan/prompts/<degradation>.safetensors)
   all-in-one     the bridge with the deep prompt trained on the mixture (mini/wan/prompts/all.safetensors)
-Restoration runs as `sample.py --video` does it (4k+1-frame chunks, cross-faded), at sample.py's sampler defaults.
+Restoration runs as `sample.py --video` does it (restore.restore_video: 17-frame chunks overlapping by 8,
+cross-faded), at the sampler's defaults (defaults.py: T0 0.4, seed 0; --steps, default 20).
 Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
 Writes the "restoration" entry of mini/wan/figures.json and prints a markdown table; rows whose prompt file is
 missing are left out (and say so).
@@ -17,16 +18,17 @@ missing are left out (and say so).
 import argparse
 import time
 from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 
+import backbone
 import data
+import media
 import metrics
-import sample
+import restore
 from mini.pretrain_ae import update_json
 from mini.wan import clips
-from mini.wan.load import FOLDER, load_miniature
+
+FOLDER = backbone.BACKBONES["mini-wan"].folder
 
 DEGRADATIONS = ("rain", "haze", "lowlight", "snow", "blur", "noise")
 
@@ -42,13 +44,10 @@ def degrade(clean: torch.Tensor, name: str, seed: int) -> torch.Tensor:
 
 def restorer(bb, prompt_file: Path | None, steps: int, chunk_frames: int, chunk_overlap: int):
     """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler)."""
-    velocity = bb.velocity
-    if prompt_file is not None:
-        prompt, _ = sample.load_prompt(prompt_file, bb)
-        velocity = lambda x, t: bb.velocity(x, t, prompt)  # noqa: E731
-    settings = SimpleNamespace(chunk_frames=chunk_frames, chunk_overlap=chunk_overlap, rank=0, world=1, steps=steps,
-                               seed=0, t0=0.4, t_min=1e-4)
-    return lambda clip: sample.restore_video(bb, velocity, clip, settings, "eval")
+    modules = [prompt for prompt, _ in restore.load_prompts([prompt_file], bb)] if prompt_file is not None else []
+    velocity = restore.velocity_for(bb, modules)
+    options = restore.RestoreOptions(steps=steps, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
+    return lambda clip: restore.restore_video(bb, velocity, clip, options)
 
 
 def main() -> None:
@@ -60,13 +59,15 @@ def main() -> None:
     p.add_argument("--motion-clips", type=int, default=4, help="Kodak24 camera moves evaluated (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=DEGRADATIONS)
+    p.add_argument("--strip", type=Path, help="also write this PNG: for rain, haze and low light, frames 0, 8 and 16 "
+                   "of the degraded held-out clip | the same frames restored by the default (all-in-one) prompt")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     start = time.time()
-    bb = load_miniature(args.miniature)
+    bb = backbone.load_miniature(args.miniature)
     motion = dict(list(clips.eval_motion_clips(args.eval).items())[: args.motion_clips])
     sets = {"heldout": {"heldout": clips.heldout_clip(args.video, args.frames)}, "kodak24_motion": motion}
     prompt_dir = args.miniature / "prompts"
@@ -104,6 +105,15 @@ def main() -> None:
     update_json(args.miniature / "figures.json", restoration={
         "table": table, "wall_minutes": minutes, "steps": args.steps, "heldout_frames": args.frames,
         "motion_clips": list(motion), "rows": list(rows)})
+    if args.strip:
+        clean = sets["heldout"]["heldout"]
+        restore = restorer(bb, rows.get("all-in-one"), args.steps, 17, 8)
+        lines = []
+        for degradation in ("rain", "haze", "lowlight"):
+            degraded = degrade(clean, degradation, seed=1000)
+            restored = restore(degraded)
+            lines.append(torch.cat([degraded[:, f] for f in (0, 8, 16)] + [restored[:, f] for f in (0, 8, 16)], dim=-1))
+        media.write_image(args.strip, torch.cat(lines, dim=-2))
     for set_name, cells in table.items():
         names = list(next(iter(cells.values())))
         print(f"\n{set_name}\n| degradation | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))

@@ -17,17 +17,22 @@ wall times to <out>/prompts/runs.json. A prompt that exists is skipped (--force 
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import data
-import train
+import backbone
+import media
 from mini import images
 from mini.wan import clips
-from mini.wan.load import FOLDER
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+FOLDER = backbone.BACKBONES["mini-wan"].folder
 
 DEGRADATIONS = ("rain", "haze", "lowlight", "snow", "blur", "noise")
 ALL = "all"
@@ -43,12 +48,12 @@ def write_clips(video: Path, photos: Path, folder: Path, seed: int = 0) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     for name, frames in clips.load_footage(video).items():
-        data.write_video(folder / name, frames.float().div(255).transpose(0, 1), 16)
+        media.write_video(folder / name, frames.float().div(255).transpose(0, 1), 16)
     generator = torch.Generator().manual_seed(seed)
     pool = images.load_photos(photos)
     for index in range(MOTION_CLIPS):
         clip = clips.motion_clip(pool, 25, 96, generator, (1.0, 2.0))
-        data.write_video(folder / f"motion_{index:03d}.mp4", clip, 16)
+        media.write_video(folder / f"motion_{index:03d}.mp4", clip, 16)
     done.write_text("ok\n")
 
 
@@ -56,7 +61,7 @@ def train_argv(degradation: str, weights: Path, clip_folder: Path, out: Path) ->
     """train.py's command line for one run ("all": the mixture of every degradation)."""
     s = SETTINGS
     return [
-        "--backbone", "wan", "--weights", str(weights), "--data", str(clip_folder), "--synthetic",
+        "--backbone", "mini-wan", "--weights", str(weights), "--data", str(clip_folder), "--synthetic",
         "--degradation", *(DEGRADATIONS if degradation == ALL else [degradation]),
         "--frames", str(s["frames"]), "--size", str(s["size"]), str(s["size"]), "--prompt-len", str(PROMPT_LEN),
         "--site", "deep", "--seed", "0", "--steps", str(s["steps"]), "--batch", str(s["batch"]), "--lr", str(s["lr"]),
@@ -74,7 +79,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     runs = args.runs or args.out / "runs"
     write_clips(args.video, args.photos, runs / "clips")
     (args.out / "prompts").mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,8 @@ def main() -> None:
         resume = (out / "checkpoint.safetensors").is_file()
         start = time.time()
         argv = train_argv(degradation, args.out, runs / "clips", out) + (["--resume"] if resume else [])
-        train.train(train.parse_args(argv))
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, check=True)
         seconds = time.time() - start
         shutil.copyfile(out / "prompt.safetensors", target)
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}

@@ -183,7 +183,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("mini/wan"), help="the video miniature's folder, with the "
                    "stage-1 VAE (default: %(default)s)")
     p.add_argument("--checkpoints", type=Path, help="checkpoint folder (default: <out>/checkpoints)")
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=6e-4, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
