@@ -36,6 +36,7 @@ import media
 import metrics
 import prompts
 import runtime
+import streaming
 import text
 import weights
 from model import tiling
@@ -206,27 +207,60 @@ def chunk_plan(frames: int, chunk: int, overlap: int) -> tuple[int, list[int]]:
 
 
 @torch.no_grad()
+def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Tensor, options: RestoreOptions,
+                  index: int, on_step: Callable[[int, int], None] | None = None) -> Tensor:
+    """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU), from chunk `index`'s own
+    starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream."""
+    height, width = clip.shape[2:]
+    y = bb.encode(pad_to_16(clip)[None] * 2 - 1)
+    noise = torch.Generator().manual_seed(defaults.mix_seed(options.seed, index))
+    eps = torch.randn(y.shape, generator=noise).to(y.device)
+    x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
+    return ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
+
+
 def restore_video(bb: backbones.Backbone, velocity: bridge.VelocityFn, video: Tensor, options: RestoreOptions,
                   progress: ProgressFn | None = None, rank: int = 0, world: int = 1) -> Tensor:
     """video [3, F, H, W] in [0, 1] -> restored [3, F, H, W] (CPU): overlapping 4k+1-frame chunks, cross-faded.
 
     With several processes (`rank` of `world`) the chunks are shared out over the ranks and every rank returns
-    the blended whole; `progress` counts this rank's model evaluations."""
-    height, width = video.shape[2:]
+    the blended whole; `progress` counts this rank's model evaluations. For a video file, `restore_video_file`
+    does the same in a stream (memory bounded by the chunk)."""
     length, starts = chunk_plan(video.shape[1], options.chunk_frames, options.chunk_overlap)
     mine = list(range(rank, len(starts), world))
     total = len(mine) * options.steps
     restored = {}
     for done, index in enumerate(mine):
-        clip = pad_to_16(video[:, starts[index] : starts[index] + length])[None] * 2 - 1
-        y = bb.encode(clip)
-        noise = torch.Generator().manual_seed(defaults.mix_seed(options.seed, index))
-        eps = torch.randn(y.shape, generator=noise).to(y.device)
         on_step = None if progress is None else (
             lambda step, _, before=done * options.steps: progress(before + step, total))
-        x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
-        restored[index] = ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
+        clip = video[:, starts[index] : starts[index] + length]
+        restored[index] = restore_chunk(bb, velocity, clip, options, index, on_step)
     return tiling.blend_chunks(runtime.gather(restored, world), starts, length, options.chunk_overlap)
+
+
+def restore_video_file(bb: backbones.Backbone, velocity: bridge.VelocityFn, source: Path, target: Path,
+                       options: RestoreOptions, progress: ProgressFn | None = None,
+                       side_by_side: bool = False) -> streaming.VideoInfo:
+    """Restore the video file `source` into the .mp4 `target` in a stream (streaming.py): the same frames as
+    `restore_video` on the whole clip, with memory bounded by one chunk; frame count, exact frame rate and audio
+    kept. `side_by_side`: write input | output. Returns what `source` holds."""
+    info = streaming.probe(source)
+    length, starts = chunk_plan(info.frames, options.chunk_frames, options.chunk_overlap)
+    total = len(starts) * options.steps
+
+    def chunk(clip: Tensor, index: int) -> Tensor:
+        on_step = None if progress is None else (
+            lambda step, _, before=index * options.steps: progress(before + step, total))
+        return restore_chunk(bb, velocity, clip, options, index, on_step)
+
+    frames = streaming.iter_frames(source)
+    inputs = []  # side by side: the input frames not yet written (at most about one chunk)
+    if side_by_side:
+        frames = (inputs.append(frame) or frame for frame in frames)
+    with streaming.VideoWriter(target, info.fps, audio_from=source if info.has_audio else None) as writer:
+        for frame in streaming.restore_stream(frames, info.frames, chunk, options.chunk_frames, options.chunk_overlap):
+            writer.write(torch.cat([inputs.pop(0), frame], dim=-1) if side_by_side else frame)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -30,6 +30,7 @@ import media
 import metrics
 import restore
 import runtime
+import streaming
 import weights
 
 
@@ -190,6 +191,14 @@ def run_image(args, bb, velocity, rank: int, world: int) -> None:
 
 
 def run_video(args, bb, velocity, rank: int, world: int) -> None:
+    if args.video.is_file() and world == 1:  # a stream: memory bounded by one chunk, whatever the clip's length
+        target = args.output or Path(f"{args.video.stem}_restored.mp4")
+        info = streaming.probe(args.video)
+        length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
+        progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)")
+        restore.restore_video_file(bb, velocity, args.video, target, args.options, progress, args.side_by_side)
+        print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
+        return
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
     progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)", enabled=rank == 0)

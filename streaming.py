@@ -7,8 +7,10 @@ clip length.)
     info = probe(path)                                     # frames, fps, size, audio: from the header, no decoding
     frames = iter_frames(path)                             # one float32 [3, H, W] frame at a time
     with VideoWriter(out, info.fps, audio_from=path) as w:
-        for frame in restore_stream(frames, info.frames, restore_chunk, chunk=17, overlap=8):
+        for frame in restore_stream(frames, info.frames, restore_chunk, chunk=17, overlap=8):   # (clip, index)
             w.write(frame)
+
+restore.restore_video_file is this with the backbone's chunk restoration (what `sample.py --video FILE` runs).
 
 `restore_stream` gives exactly what restoring every chunk of `chunk_plan` and cross-fading them over the whole
 clip gives (`restore.chunk_plan` and `tiling.blend_chunks`), frame for frame, but holds only one chunk of input frames and one chunk of output
@@ -63,11 +65,12 @@ def iter_frames(path: str | os.PathLike) -> Iterator[Tensor]:
             yield torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float().div_(255)
 
 
-def restore_stream(frames: Iterator[Tensor], total: int, restore_chunk: Callable[[Tensor], Tensor], chunk: int,
+def restore_stream(frames: Iterator[Tensor], total: int, restore_chunk: Callable[[Tensor, int], Tensor], chunk: int,
                    overlap: int) -> Iterator[Tensor]:
     """Restored frames [3, H, W], in order, of a stream of `total` input frames [3, H, W].
 
-    The chunks are those of `restore.chunk_plan(total, chunk, overlap)`; `restore_chunk` maps [3, L, H, W] -> [3, L, H, W].
+    The chunks are those of `restore.chunk_plan(total, chunk, overlap)`; `restore_chunk(clip, index)` maps chunk
+    number `index`, [3, L, H, W], to its restoration [3, L, H, W].
     Each output frame is the blend_window-weighted mean of the chunks that cover it, as in `blend_chunks`."""
     length = min(chunk, defaults.clip_length_at_most(total))
     starts = tiling.tile_starts(total, length, min(overlap, length - 1))
@@ -82,7 +85,7 @@ def restore_stream(frames: Iterator[Tensor], total: int, restore_chunk: Callable
         while first + len(window) < start + length:
             window.append(next(source))
         clip = torch.stack(window[start - first : start + length - first], dim=1)
-        restored = restore_chunk(clip)
+        restored = restore_chunk(clip, index)
         w = tiling.blend_window(start, length, total, ramp, 1, torch.device("cpu"))
         for offset in range(length):
             frame = start + offset

@@ -43,22 +43,13 @@ def make_source(path: Path, frames: int, height: int, width: int) -> None:
 
 def restore_chunk_fn(model: str):
     if model == "box":
-        return lambda clip: torch.nn.functional.avg_pool2d(clip.transpose(0, 1), 3, 1, 1,
-                                                          count_include_pad=False).transpose(0, 1)
+        return lambda clip, _: torch.nn.functional.avg_pool2d(clip.transpose(0, 1), 3, 1, 1,
+                                                             count_include_pad=False).transpose(0, 1)
     import backbone
-    import bridge
-    from restore import pad_to_16
+    import restore
 
-    bb = backbone.tiny("wan")
-
-    def restore(clip: torch.Tensor) -> torch.Tensor:  # [3, L, H, W] in [0, 1]
-        height, width = clip.shape[-2:]
-        y = bb.encode(pad_to_16(clip)[None] * 2 - 1)
-        eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
-        x0 = bridge.sample(bb.velocity, y, eps, 0.4, 1e-4, 2)
-        return ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width]
-
-    return restore
+    bb, options = backbone.tiny("wan"), restore.RestoreOptions(steps=2)
+    return lambda clip, index: restore.restore_chunk(bb, bb.velocity, clip, options, index)
 
 
 def run_variant(variant: str, model: str, source: Path, target: Path) -> None:

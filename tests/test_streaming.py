@@ -25,8 +25,9 @@ def test_restore_stream_blends_chunks_and_holds_one_chunk(total, chunk, overlap)
     video = torch.rand(3, total, 4, 5, generator=torch.Generator().manual_seed(total))
     calls, pulled, lag = [], [], []
 
-    def restore(clip):  # each chunk's output is its input plus the chunk's own constant
+    def restore(clip, index):  # each chunk's output is its input plus the chunk's own constant
         calls.append(clip.shape[1])
+        assert index == len(calls) - 1
         return clip + len(calls)
 
     out = []
@@ -50,7 +51,7 @@ def test_restore_stream_blends_chunks_and_holds_one_chunk(total, chunk, overlap)
 
 def test_restore_stream_of_identity_is_the_input():
     video = torch.rand(3, 40, 6, 6)
-    out = torch.stack(list(streaming.restore_stream(iter(video.unbind(1)), 40, lambda c: c, 17, 8)), dim=1)
+    out = torch.stack(list(streaming.restore_stream(iter(video.unbind(1)), 40, lambda c, _: c, 17, 8)), dim=1)
     assert torch.allclose(out, video, atol=1e-6)
 
 
@@ -111,3 +112,26 @@ def test_writer_output_reads_like_the_whole_clip_writer(tmp_path):
             writer.write(frame)
     whole, streamed = (media.read_video(tmp_path / name) for name in ("whole.mp4", "streamed.mp4"))
     assert streamed.fps == whole.fps and torch.equal(streamed.frames, whole.frames)
+
+
+def test_restore_video_file_is_restore_video_in_a_stream(tmp_path):
+    """The streamed restoration of a file gives the frames the whole-clip restoration gives (the tiny Wan preset on
+    the bridge, several chunks), and keeps the frame count and rate."""
+    import backbone
+    import restore
+
+    bb = backbone.tiny("wan")
+    video = data.toy_videos(1, 21, 32, 32, seed=2)[0]
+    source = tmp_path / "clip.mp4"
+    media.write_video(source, video, Fraction(25))
+    decoded = media.read_video(source).frames
+    options = restore.RestoreOptions(steps=2, chunk_frames=9, chunk_overlap=4)
+    media.write_video(tmp_path / "whole.mp4", restore.restore_video(bb, bb.velocity, decoded, options), Fraction(25))
+    calls = []
+    info = restore.restore_video_file(bb, bb.velocity, source, tmp_path / "streamed.mp4", options,
+                                      progress=lambda done, total: calls.append((done, total)))
+    whole, streamed = (media.read_video(tmp_path / name) for name in ("whole.mp4", "streamed.mp4"))
+    assert info.frames == 21 and streamed.fps == Fraction(25) and streamed.frames.shape == whole.frames.shape
+    assert torch.equal(streamed.frames, whole.frames)
+    chunks = len(restore.chunk_plan(21, 9, 4)[1])
+    assert chunks > 1 and calls[-1] == (chunks * 2, chunks * 2)

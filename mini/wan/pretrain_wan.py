@@ -125,15 +125,16 @@ def flow_loss(model: wan_model.WanModel, x0: Tensor, txt: Tensor, generator: tor
 
 def train(model: wan_model.WanModel, pools: list[dict[str, Tensor]], empty: Tensor, steps: int, lr: float,
           ema_decay: float, generator: torch.Generator, checkpoint: Checkpoint, save_every: int,
-          log_every: int = 25) -> tuple[nn.Module, list[float]]:
-    """Train `model` in place (continuing from `checkpoint` if it exists); returns (the EMA model, every loss)."""
+          log_every: int = 25, stop_at: int | None = None) -> tuple[nn.Module, list[float]]:
+    """Train `model` in place (continuing from `checkpoint` if it exists); returns (the EMA model, every loss).
+    `stop_at`: end after that step (a partial run of the same `steps`-step schedule, resumable later)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     first, losses, state = checkpoint.load(model, optimizer, generator)
     if state:
         ema.load_state_dict(state["ema"])
     start = time.time()
-    for step in range(first, steps):
+    for step in range(first, min(steps, stop_at or steps)):
         loss = flow_loss(model, *training_batch(pools, step, empty, generator), generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
@@ -148,7 +149,7 @@ def train(model: wan_model.WanModel, pools: list[dict[str, Tensor]], empty: Tens
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             print(f"wan step {step + 1}/{steps}  loss {recent:.4f}  {elapsed / 60:.1f} min, "
                   f"eta {elapsed / done * (steps - step - 1) / 60:.1f} min", flush=True)
-        if (step + 1) % save_every == 0 and step + 1 < steps:
+        if ((step + 1) % save_every == 0 or step + 1 == stop_at) and step + 1 < steps:
             checkpoint.save(model, optimizer, generator, step + 1, losses, ema=ema.state_dict())
     return ema, losses
 
@@ -186,6 +187,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=6e-4, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (default: %(default)s)")
+    p.add_argument("--stop-at", type=int, help="end after this step of the --steps schedule and write its EMA "
+                   "(a partial run; the same command without --stop-at resumes it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
@@ -223,7 +226,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
     checkpoint = Checkpoint(checkpoints / "wan.pt", settings | {"config": asdict(WAN), "pools": POOLS})
-    ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every)
+    ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
+                        stop_at=args.stop_at)
     weights.save_safetensors(ema.state_dict(), args.out / "wan.safetensors")
     update_json(spec_file, backbone="wan", wan=asdict(WAN))
 
@@ -231,8 +235,8 @@ def main() -> None:
     curve = [round(sum(losses[i : i + window]) / len(losses[i : i + window]), 4) for i in range(0, len(losses), window)]
     minutes = (time.time() - start) / 60
     update_json(args.out / "figures.json", wan={
-        **settings, "params": sum(t.numel() for t in ema.parameters()), "wall_minutes_last_run": round(minutes, 1),
-        "pools": [list(p["latents"].shape) for p in pools],
+        **settings, "steps_done": len(losses), "params": sum(t.numel() for t in ema.parameters()),
+        "wall_minutes_last_run": round(minutes, 1), "pools": [list(p["latents"].shape) for p in pools],
         "look_shares": {w: round(pools[0]["look"][:, i].float().mean().item(), 3) for i, w in enumerate(LOOKS)},
         "clean_share": CLEAN_SHARE, "empty_share": EMPTY_SHARE,
         "loss_curve_window": window, "loss_curve": curve,
