@@ -8,6 +8,8 @@ Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with 
   empty prompt   the bridge with the plain pre-trained model (no learned prompt)
   method         the bridge with the degradation's own deep prompt (mini/wan/prompts/<degradation>.safetensors)
   all-in-one     the bridge with the deep prompt trained on the mixture (mini/wan/prompts/all.safetensors)
+  default        what `sample.py --video` does with no --prompt (restore.prompt_files: today every shipped prompt of
+                 the miniature, velocities averaged)
 Restoration runs as `sample.py --video` does it (restore.restore_video: 17-frame chunks overlapping by 8,
 cross-faded), at the sampler's defaults (defaults.py: T0 0.4, seed 0; --steps, default 20).
 Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
@@ -42,9 +44,10 @@ def degrade(clean: torch.Tensor, name: str, seed: int) -> torch.Tensor:
     return data.DEGRADATIONS[name](clean, torch.Generator().manual_seed(seed))
 
 
-def restorer(bb, prompt_file: Path | None, steps: int, chunk_frames: int, chunk_overlap: int):
-    """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler)."""
-    modules = [prompt for prompt, _ in restore.load_prompts([prompt_file], bb)] if prompt_file is not None else []
+def restorer(bb, prompt_files: list[Path], steps: int, chunk_frames: int, chunk_overlap: int):
+    """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler); several
+    prompt files: their velocities averaged, as sample.py does."""
+    modules = [prompt for prompt, _ in restore.load_prompts(prompt_files, bb)]
     velocity = restore.velocity_for(bb, modules)
     options = restore.RestoreOptions(steps=steps, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
     return lambda clip: restore.restore_video(bb, velocity, clip, options)
@@ -60,7 +63,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--degradations", nargs="+", default=list(DEGRADATIONS), choices=DEGRADATIONS)
     p.add_argument("--strip", type=Path, help="also write this PNG: for rain, haze and low light, frames 0, 8 and 16 "
-                   "of the degraded held-out clip | the same frames restored by the default (all-in-one) prompt")
+                   "of the degraded held-out clip | the same frames restored as sample.py --video does by default")
     p.add_argument("--threads", type=int)
     args = p.parse_args()
     if args.threads:
@@ -71,12 +74,14 @@ def main() -> None:
     motion = dict(list(clips.eval_motion_clips(args.eval).items())[: args.motion_clips])
     sets = {"heldout": {"heldout": clips.heldout_clip(args.video, args.frames)}, "kodak24_motion": motion}
     prompt_dir = args.miniature / "prompts"
-    rows = {"empty prompt": None}
-    for name, file in (("method", None), ("all-in-one", prompt_dir / "all.safetensors")):
-        if name == "all-in-one" and not file.is_file():
-            print(f"no {file}: the all-in-one row is left out")
-            continue
-        rows[name] = file
+    rows = {"empty prompt": [], "method": None}  # method: the degradation's own prompt, if shipped
+    if (prompt_dir / "all.safetensors").is_file():
+        rows["all-in-one"] = [prompt_dir / "all.safetensors"]
+    else:
+        print(f"no {prompt_dir / 'all.safetensors'}: the all-in-one row is left out")
+    default = restore.prompt_files([], bb.spec, args.miniature)  # what sample.py --video uses with no --prompt
+    if default:
+        rows["default"] = default
     table = {}
     for set_name, videos in sets.items():
         for degradation in args.degradations:
@@ -87,12 +92,12 @@ def main() -> None:
                 degraded = degrade(clean, degradation, seed=1000 + index)
                 outputs = {"degraded": degraded,
                            "vae ceiling": ((bb.decode(bb.encode(clean[None] * 2 - 1))[0] + 1) / 2).clamp(0, 1)}
-                for row, file in rows.items():
+                for row, files in rows.items():
                     if row == "method":
-                        file = prompt_dir / f"{degradation}.safetensors"
-                        if not file.is_file():
+                        files = [prompt_dir / f"{degradation}.safetensors"]
+                        if not files[0].is_file():
                             continue
-                    outputs[row] = restorer(bb, file, args.steps, 17, 8)(degraded)
+                    outputs[row] = restorer(bb, files, args.steps, 17, 8)(degraded)
                 for row, out in outputs.items():
                     scores.setdefault(row, []).append(metrics.psnr(out, clean, video=True))
                     flickers.setdefault(row, []).append(flicker(out) / flicker(clean))
@@ -104,14 +109,14 @@ def main() -> None:
     minutes = round((time.time() - start) / 60, 1)
     update_json(args.miniature / "figures.json", restoration={
         "table": table, "wall_minutes": minutes, "steps": args.steps, "heldout_frames": args.frames,
-        "motion_clips": list(motion), "rows": list(rows)})
+        "motion_clips": list(motion), "rows": list(rows), "default_prompts": [f.stem for f in default]})
     if args.strip:
         clean = sets["heldout"]["heldout"]
-        restore = restorer(bb, rows.get("all-in-one"), args.steps, 17, 8)
+        restore_default = restorer(bb, default, args.steps, 17, 8)
         lines = []
         for degradation in ("rain", "haze", "lowlight"):
             degraded = degrade(clean, degradation, seed=1000)
-            restored = restore(degraded)
+            restored = restore_default(degraded)
             lines.append(torch.cat([degraded[:, f] for f in (0, 8, 16)] + [restored[:, f] for f in (0, 8, 16)], dim=-1))
         media.write_image(args.strip, torch.cat(lines, dim=-2))
     for set_name, cells in table.items():

@@ -26,6 +26,7 @@ clip and on camera moves over the Kodak24 photos).
 """
 
 import argparse
+import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -142,8 +143,8 @@ def main() -> None:
     vae = WanVAE(CONFIG)
     zero_residual_branches(vae)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "lowfreq_weight", "kl_weight", "seed")}
-    checkpoint = Checkpoint((args.checkpoints or args.out / "checkpoints") / "wan_vae.pt",
-                            settings | {"config": asdict(CONFIG), "frames": FRAMES})
+    checkpoint = Checkpoint((args.checkpoints or args.out / "checkpoints") / "wan_vae.pt",  # through JSON, as stored
+                            json.loads(json.dumps(settings | {"config": asdict(CONFIG), "frames": FRAMES})))
 
     def draw(size: int, batch: int) -> Tensor:
         return clips.random_clips(footage, photos, batch, FRAMES, size, generator)

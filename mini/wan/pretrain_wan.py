@@ -225,7 +225,8 @@ def main() -> None:
     model = new_wan(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
-    checkpoint = Checkpoint(checkpoints / "wan.pt", settings | {"config": asdict(WAN), "pools": POOLS})
+    # through JSON, as the checkpoint stores them (tuples become lists), so that a resumed run compares equal
+    checkpoint = Checkpoint(checkpoints / "wan.pt", json.loads(json.dumps(settings | {"config": asdict(WAN), "pools": POOLS})))
     ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
                         stop_at=args.stop_at)
     weights.save_safetensors(ema.state_dict(), args.out / "wan.safetensors")
