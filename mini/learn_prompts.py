@@ -1,11 +1,10 @@
-"""Miniature, stage 2a: learn the restoration prompts (the method and its prompt-learning baselines) with train.py.
+"""Miniature, stage 3: learn the restoration prompts (the method and its prompt-learning baselines) with train.py.
 
-    python -m mini.images --train mini/train          # once: the training photographs as PNGs (git-ignored)
-    python -m mini.learn_prompts --threads 1          # 16 runs: 4 degradations x 4 methods
+    python -m mini.learn_prompts --photos ../shared/data/photos --threads 1     # 6 x 4 runs + the all-in-one prompt
 
-For every degradation (noise, blur, haze, lowlight) and method, one `train.py` run on the frozen miniature with
-clean training crops degraded on the fly (`--synthetic`), all with the same settings (`SETTINGS`, chosen by a
-short pilot on haze, see mini/README.md):
+For every degradation (noise, blur, haze, rain, lowlight, snow) and method, one `train.py` run on the frozen
+miniature with crops of the training photos degraded on the fly (`--synthetic`), all with the same settings
+(`SETTINGS`); plus one all-in-one deep prompt ("all-deep") trained on the mixture of the six (each pair draws one):
 
     deep   --site deep                 the authors' deep prompt bank on the bridge (the method)
     text   --site text                 offsets on the text encoders' output, on the bridge (the abstract's form)
@@ -13,9 +12,10 @@ short pilot on haze, see mini/README.md):
     token  --site token                the text-token baseline: 15 input embeddings (one position is </s>) through
                                        the frozen tiny encoders
 
+train.py reads one folder of images, so the photos (in sub-folders) are linked flat into mini/runs/photos/ first.
 Runs go to mini/runs/{degradation}-{method}/ (git-ignored: log.jsonl, checkpoint). The learned prompts are copied
 to mini/prompts/baselines/{degradation}-{method}.safetensors, and the deep ones also to
-mini/prompts/{degradation}.safetensors: the shipped prompts that `python sample.py --image x.png` uses by default.
+mini/prompts/{degradation}.safetensors (and the all-in-one to mini/prompts/all.safetensors): the shipped prompts.
 Wall times go to mini/prompts/baselines/runs.json. A run whose prompt file already exists is skipped (--force
 redoes it).
 """
@@ -30,9 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+from mini import images
+
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "mini"
-DEGRADATIONS = ("noise", "blur", "haze", "lowlight")
+PHOTOS = MINI / "runs" / "photos"  # the training photos linked flat (train.py reads one folder)
+DEGRADATIONS = ("noise", "blur", "haze", "rain", "lowlight", "snow")
+ALL = "all"  # the all-in-one prompt: trained on the mixture of DEGRADATIONS
 METHODS = {  # method -> train.py flags that make it
     "deep": ["--site", "deep"],
     "text": ["--site", "text"],
@@ -47,10 +51,10 @@ TOKEN_PROMPT_LEN = PROMPT_LEN - 1
 
 
 def train_args(degradation: str, method: str, out: Path, settings: dict = SETTINGS) -> list[str]:
-    """train.py's command line for one run."""
+    """train.py's command line for one run ("all": the mixture of every degradation)."""
     return [
-        "--backbone", "flux", "--weights", str(MINI), "--data", str(MINI / "train"), "--synthetic",
-        "--degradation", degradation,
+        "--backbone", "flux", "--weights", str(MINI), "--data", str(PHOTOS), "--synthetic",
+        "--degradation", *(DEGRADATIONS if degradation == ALL else [degradation]),
         "--prompt-len", str(TOKEN_PROMPT_LEN if method == "token" else PROMPT_LEN), "--size", "128", "128", "--seed", "0",
         "--steps", str(settings["steps"]), "--batch", str(settings["batch"]), "--lr", str(settings["lr"]),
         "--save-every", str(settings["steps"]), "--log-every", "50", "--out", str(out), *METHODS[method],
@@ -80,13 +84,15 @@ def run(degradation: str, method: str, threads: int, steps: int) -> float:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "prompt.safetensors", target)
     if method == "deep" and steps == SETTINGS["steps"]:
+        (MINI / "prompts").mkdir(exist_ok=True)
         shutil.copyfile(out / "prompt.safetensors", MINI / "prompts" / f"{degradation}.safetensors")
     return seconds
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--degradation", nargs="+", choices=DEGRADATIONS, default=list(DEGRADATIONS))
+    p.add_argument("--photos", type=Path, required=True, help="folder of training photographs (searched recursively)")
+    p.add_argument("--degradation", nargs="+", choices=[*DEGRADATIONS, ALL], default=[*DEGRADATIONS, ALL])
     p.add_argument("--method", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: %(default)s)")
     p.add_argument("--steps", type=int, default=SETTINGS["steps"],
@@ -94,11 +100,10 @@ def main() -> None:
                    "baselines/{degradation}-{method}-{steps}.safetensors and never shipped)")
     p.add_argument("--force", action="store_true", help="redo runs whose prompt file exists")
     args = p.parse_args()
-    if not (MINI / "train").is_dir():
-        sys.exit("mini/train/ is missing: run `python -m mini.images --train mini/train` first")
+    link_photos(args.photos)
 
     for degradation in args.degradation:
-        for method in args.method:
+        for method in args.method if degradation != ALL else ["deep"]:
             name = run_name(degradation, method, args.steps)
             if baseline_path(degradation, method, args.steps).exists() and not args.force:
                 print(f"{name}: exists, skipped")
@@ -106,6 +111,15 @@ def main() -> None:
             seconds = run(degradation, method, args.threads, args.steps)
             record_run(name, {"wall_s": round(seconds, 1), "threads": args.threads, **SETTINGS, "steps": args.steps})
             print(f"{name}: {seconds / 60:.1f} min", flush=True)
+
+
+def link_photos(folder: Path) -> None:
+    """Link every training photo under `folder` into PHOTOS as <subfolder>_<name> (recreated each time)."""
+    if PHOTOS.exists():
+        shutil.rmtree(PHOTOS)
+    PHOTOS.mkdir(parents=True)
+    for path in images.photo_paths(folder):
+        (PHOTOS / f"{path.parent.name}_{path.name}").symlink_to(path.resolve())
 
 
 def record_run(name: str, entry: dict) -> None:

@@ -180,15 +180,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def train(model: flux_model.Flux, pools: list[dict[str, Tensor]], empty: tuple[Tensor, Tensor], steps: int,
           lr: float, ema_decay: float, generator: torch.Generator, checkpoint: Checkpoint, save_every: int,
-          log_every: int = 50) -> tuple[nn.Module, list[float]]:
-    """Train `model` in place (continuing from `checkpoint` if it exists); returns (the EMA model, every loss)."""
+          stop_at: int | None = None, log_every: int = 50) -> tuple[nn.Module, list[float]]:
+    """Train `model` in place (continuing from `checkpoint` if it exists) on the schedule of `steps` steps, stopping
+    after step `stop_at` (a partial run of the same schedule, resumable later); returns (the EMA model, every loss)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     first, losses, state = checkpoint.load(model, optimizer, generator)
     if state:
         ema.load_state_dict(state["ema"])
     start = time.time()
-    for step in range(first, steps):
+    for step in range(first, min(steps, stop_at or steps)):
         loss = flow_loss(model, *training_batch(pools, step, empty, generator), generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
@@ -226,12 +227,14 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
+    p.add_argument("--stop-at", type=int, help="write the weights after this step of the --steps schedule (the "
+                   "checkpoint stays, so the run can go on later)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.save_every < 1:
-        p.error("--steps and --save-every must be positive")
+    if args.steps < 1 or args.save_every < 1 or (args.stop_at is not None and not 0 < args.stop_at <= args.steps):
+        p.error("--steps and --save-every must be positive, --stop-at in 1..--steps")
 
     start = time.time()
     t5, clip = make_text_encoders(args.out, args.seed)
@@ -255,15 +258,16 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
     checkpoint = Checkpoint(args.out / "checkpoints" / "flux.pt", settings | {"config": asdict(FLUX)})
-    ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every)
+    ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
+                        args.stop_at)
     weights.save_safetensors(ema.state_dict(), args.out / "flux.safetensors")
     update_json(args.out / "miniature.json", backbone="flux", flux=asdict(FLUX))
 
-    window = max(1, args.steps // 20)
+    window = max(1, len(losses) // 20)
     curve = [round(sum(losses[i : i + window]) / len(losses[i : i + window]), 4) for i in range(0, len(losses), window)]
     minutes = (time.time() - start) / 60
     update_json(args.out / "figures.json", flux={
-        **settings, "params": sum(t.numel() for t in ema.parameters()), "wall_minutes_last_run": round(minutes, 1),
+        **settings, "stopped_at": len(losses), "params": sum(t.numel() for t in ema.parameters()), "wall_minutes_last_run": round(minutes, 1),
         "pools": [list(p["latents"].shape) for p in pools],
         "look_shares": {w: round(pools[0]["look"][:, i].float().mean().item(), 3) for i, w in enumerate(LOOKS)},
         "loss_curve_window": window, "loss_curve": curve,
