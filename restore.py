@@ -20,6 +20,7 @@ Progress is reported through `progress(done, total)` after every model evaluatio
 errors are exceptions (ValueError for a bad input or request).
 """
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,9 +123,11 @@ def t0_warnings(files: Sequence[Path], metas: Sequence[dict], t0: float) -> list
 
 
 def check_text_prompting(spec: backbones.Spec | None) -> None:
-    """Text prompting needs an official snapshot's text encoders and tokenizers: a ValueError otherwise."""
-    if spec is None or spec.source != "snapshot":
-        raise ValueError("--text needs an official snapshot with its text encoders and tokenizers (--flux or --wan)")
+    """Text prompting needs an official snapshot's text encoders and tokenizers, or the image miniature (whose
+    captions are words of its own small vocabulary): a ValueError otherwise."""
+    if spec is None or not (spec.source == "snapshot" or (spec.source == "miniature" and spec.kind == "flux")):
+        raise ValueError("--text needs an official snapshot with its text encoders and tokenizers (--flux or --wan), "
+                         "or the image miniature")
 
 
 def text_conditioning(bb: backbones.Backbone, words: str, cache: Path | None = None) -> tuple[Tensor, Tensor | None]:
@@ -133,6 +136,14 @@ def text_conditioning(bb: backbones.Backbone, words: str, cache: Path | None = N
     disk in `cache`). The backbone itself is not changed."""
     check_text_prompting(bb.spec)
     length = bb.txt.shape[1]
+    if bb.spec.source == "miniature":
+        vocabulary = json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary")
+        if not vocabulary:
+            raise ValueError(f"{bb.folder}: this miniature records no caption vocabulary, so it has no text prompting")
+        site = bb.token_site
+        t5_ids, clip_ids = text.caption_ids(words.split(), vocabulary, length, site.clip.config)
+        with torch.no_grad():
+            return site.t5(t5_ids.to(bb.device)).to(bb.dtype), site.clip(clip_ids.to(bb.device))[1].to(bb.dtype)
     if bb.kind == "flux":
         return text.flux_text([words], bb.folder, length, bb.device, bb.dtype, cache)
     return text.wan_text([words], bb.folder, length, bb.device, bb.dtype, cache), None
