@@ -1,0 +1,588 @@
+"""A local web page for restoration: drop an image or a short video on it, watch it restore, compare, download.
+
+    python serve.py                                   # the shipped miniatures, http://127.0.0.1:8000/
+    python serve.py --preset tiny --port 0            # tiny random backbones (study, tests), any free port
+    python serve.py --flux FLUX.1-dev/ --prompt haze.safetensors --wan Wan2.1-T2V-1.3B/ --host 0.0.0.0
+
+The models are loaded once: the image backbone (FLUX.1 or the image miniature) for images, the video backbone
+(Wan2.1 or the video miniature) for videos; with neither --flux nor --wan both miniatures are served (the
+video one when it is there), with one of them only that one. One worker thread restores the jobs in the order
+they came; the page polls their progress. Standard library only: http.server and one static page, serve.html.
+
+Safety: bound to 127.0.0.1 unless --host says otherwise; uploads larger than --max-upload-mb are refused (413)
+before they are read; an upload is accepted only when it decodes as an RGB image or a video; the uploaded
+name is a label, never a path; the only files served are the page and the files a job wrote, by job id and a
+fixed name (anything else, `..` included, is 404); every file lives in a private temporary folder (0700),
+capped at --max-storage-mb (the oldest finished jobs' files are evicted) and removed on exit. Errors are JSON
+`{"error": "..."}` with a 4xx/5xx status, shown on the page; no request can stop the server.
+"""
+
+import argparse
+import collections
+import itertools
+import json
+import queue
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import backbone as backbones
+import defaults
+import media
+import restore
+import runtime
+import streaming
+import weights
+
+PAGE = Path(__file__).resolve().parent / "serve.html"
+FILE_TYPES = {"input.png": "image/png", "output.png": "image/png", "input.mp4": "video/mp4",
+              "output.mp4": "video/mp4", "strip.png": "image/png"}  # the only names a job's files have
+STRIP_FRAMES, STRIP_HEIGHT = 8, 96  # a video job's frame strip: frames shown, pixels high per row
+FINISHED = ("done", "failed", "cancelled")
+
+
+class Cancelled(Exception):
+    """Raised by a job's progress callback when the job was cancelled: ends its restoration between two steps."""
+
+
+class RequestError(Exception):
+    """A request that cannot be served: its HTTP status and the message the page shows."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Model:
+    """One loaded backbone and its prompt choices: name -> velocity ("none": the plain model; "all": the
+    average of every loaded prompt's velocity), plus whether text prompting is possible."""
+
+    bb: backbones.Backbone
+    velocities: dict
+    default: str
+    text: bool
+    text_cache: Path | None = None
+
+    def velocity(self, choice: str, words: str):
+        if choice == "text":
+            if not self.text:
+                raise RequestError(400, f"{self.bb.name} has no text prompting")
+            if not words.strip():
+                raise RequestError(400, "text prompting needs some text")
+            try:
+                conditioning = restore.text_conditioning(self.bb, words, self.text_cache)
+            except ValueError as err:
+                raise RequestError(400, str(err)) from None
+            return restore.velocity_for(self.bb, (), conditioning)
+        if choice not in self.velocities:
+            raise RequestError(400, f"unknown prompt {choice!r}; this backbone has {sorted(self.velocities)}")
+        return self.velocities[choice]
+
+    def describe(self) -> dict:
+        return {"name": self.bb.name, "config": self.bb.config, "prompts": list(self.velocities),
+                "default": self.default, "text": self.text}
+
+
+def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | None = None) -> Model:
+    """The prompt choices of `bb` from its prompt files (loaded and checked once, here)."""
+    loaded = restore.load_prompts(files, bb)
+    modules = [prompt for prompt, _ in loaded]
+    velocities = {"none": restore.velocity_for(bb)}
+    for path, prompt in zip(files, modules):
+        velocities[path.stem] = restore.velocity_for(bb, [prompt])
+    if len(modules) > 1:
+        velocities["all"] = restore.velocity_for(bb, modules)
+    try:
+        restore.check_text_prompting(bb.spec)
+        text = True
+    except ValueError:
+        text = False
+    default = "all" if len(modules) > 1 else files[0].stem if files else "none"
+    return Model(bb, velocities, default, text, text_cache)
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "image" or "video"
+    label: str  # the uploaded file's name, for the page only (never a path)
+    folder: Path  # the job's own folder in the private temp folder
+    prompt: str
+    text: str
+    options: restore.RestoreOptions
+    created: float = field(default_factory=time.time)
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    error: str | None = None
+    done: int = 0
+    total: int = 0
+    started: float | None = None
+    finished: float | None = None
+    files: list = field(default_factory=list)  # names from FILE_TYPES this job wrote
+    cancel: bool = False
+
+    def public(self, position: int | None) -> dict:
+        elapsed = (self.finished or time.time()) - self.started if self.started else 0.0
+        eta = elapsed / self.done * (self.total - self.done) if self.done and self.state == "running" else None
+        return {"id": self.id, "kind": self.kind, "label": self.label, "state": self.state, "error": self.error,
+                "prompt": self.prompt, "steps": self.options.steps, "t0": self.options.t0,
+                "done": self.done, "total": self.total, "elapsed": round(elapsed, 2),
+                "eta": None if eta is None else round(eta, 2), "position": position,
+                "files": {name: f"/files/{self.id}/{name}" for name in self.files}}
+
+
+class Jobs:
+    """The job queue: jobs restored one at a time, in order, by one worker thread; their files in `root`,
+    whose total size is kept under `max_bytes` by deleting the oldest finished jobs' files."""
+
+    def __init__(self, models: dict, root: Path, max_bytes: int, max_frames: int):
+        self.models, self.root, self.max_bytes, self.max_frames = models, root, max_bytes, max_frames
+        self.jobs: dict[str, Job] = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.pending: queue.Queue = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="restore-worker", daemon=True)
+        self.worker.start()
+
+    # -- requests
+
+    def submit(self, upload: Path, label: str, prompt: dict, words: str, options: restore.RestoreOptions) -> Job:
+        """Check an upload (already in its job folder as `upload`) by decoding it and queue its job; `prompt`:
+        the choice for each kind ({"image": "haze", "video": None}; None: the model's default)."""
+        kind, pixels = self._decode(upload)
+        model = self.models[kind]
+        prompt = prompt.get(kind) or model.default
+        if prompt == "text":
+            if not model.text:
+                raise RequestError(400, f"{model.bb.name} has no text prompting")
+            if not words.strip():
+                raise RequestError(400, "text prompting needs some text")
+        elif prompt not in model.velocities:
+            raise RequestError(400, f"unknown prompt {prompt!r}; {model.bb.name} has {list(model.velocities)}")
+        job = Job(upload.parent.name, kind, label, upload.parent, prompt, words, options)
+        if kind == "image":
+            media.write_image(job.folder / "input.png", pixels)
+            job.files.append("input.png")
+        with self.lock:
+            self.jobs[job.id] = job
+        self.pending.put(job.id)
+        return job
+
+    def _decode(self, upload: Path) -> tuple[str, torch.Tensor | None]:
+        """("image", pixels [3, H, W]) or ("video", None) by what the bytes decode as; 400 otherwise."""
+        try:
+            pixels = media.read_image(upload)
+        except ValueError as err:
+            image_error = str(err).replace(str(upload), "the upload")
+        else:
+            if "image" not in self.models:
+                raise RequestError(400, "this server restores videos only (no image backbone loaded)")
+            if min(pixels.shape[-2:]) < defaults.SIZE_MULTIPLE:
+                raise RequestError(400, f"the image is {media.hw_text(pixels)}; the smallest size that can be "
+                                   f"restored is {defaults.SIZE_MULTIPLE}x{defaults.SIZE_MULTIPLE}")
+            return "image", pixels
+        if "cannot read this image file" not in image_error:
+            raise RequestError(400, image_error)  # an image, but not an RGB one: say what to do about it
+        try:
+            info = streaming.probe(upload)
+        except Exception as err:  # PyAV raises its own errors for bytes that are no media at all
+            raise RequestError(400, "the upload is neither an image nor a video that can be decoded "
+                               f"({str(err).replace(str(upload), 'the upload')})") from None
+        if "video" not in self.models:
+            raise RequestError(400, "this server restores images only (no video backbone loaded)")
+        if info.frames > self.max_frames:
+            raise RequestError(400, f"the video has {info.frames} frames; this server takes at most "
+                               f"{self.max_frames} (--max-frames)")
+        if min(info.height, info.width) < defaults.SIZE_MULTIPLE:
+            raise RequestError(400, f"the video is {info.height}x{info.width} (HxW); the smallest size that can "
+                               f"be restored is {defaults.SIZE_MULTIPLE}x{defaults.SIZE_MULTIPLE}")
+        return "video", None
+
+    def cancel(self, job_id: str) -> Job:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise RequestError(404, "no such job")
+            if job.state == "queued":
+                job.state, job.finished = "cancelled", time.time()
+            job.cancel = True
+            return job
+
+    def listing(self) -> list[dict]:
+        with self.lock:
+            queued = [job.id for job in self.jobs.values() if job.state == "queued"]
+            return [job.public(queued.index(job.id) + 1 if job.id in queued else None) for job in self.jobs.values()]
+
+    def status(self, job_id: str) -> dict:
+        return next((job for job in self.listing() if job["id"] == job_id), None) or _raise(404, "no such job")
+
+    def file(self, job_id: str, name: str) -> Path:
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None or name not in job.files:
+                raise RequestError(404, "no such file")
+            return job.folder / name
+
+    def stop(self) -> None:
+        with self.lock:
+            for job in self.jobs.values():
+                job.cancel = True
+        self.pending.put(None)
+        self.worker.join(timeout=30)
+
+    # -- the worker
+
+    def _work(self) -> None:
+        while (job_id := self.pending.get()) is not None:
+            job = self.jobs[job_id]
+            with self.lock:
+                if job.state != "queued":
+                    continue
+                job.state, job.started = "running", time.time()
+            try:
+                self._run(job)
+                state, error = "done", None
+            except Cancelled:
+                state, error = "cancelled", None
+            except (ValueError, RequestError, weights.CheckpointError) as err:
+                state, error = "failed", str(err).replace(str(job.folder), "the job")
+            except Exception as err:  # a bug must not stop the worker: the job fails and says why
+                state, error = "failed", f"internal error: {type(err).__name__}: {err}"
+            with self.lock:
+                job.state, job.error, job.finished = state, error, time.time()
+            self._evict()
+
+    def _run(self, job: Job) -> None:
+        model = self.models[job.kind]
+        velocity = model.velocity(job.prompt, job.text)
+
+        def progress(done: int, total: int) -> None:
+            if job.cancel:
+                raise Cancelled
+            job.done, job.total = done, total
+
+        job.total = job.options.steps
+        if job.kind == "image":
+            image = media.read_image(job.folder / "input.png")
+            restored = restore.restore_image(model.bb, velocity, image, job.options, progress)
+            media.write_image(job.folder / "output.png", restored)
+            job.files.append("output.png")
+            return
+        upload = job.folder / "upload"
+        video = media.read_video(upload)
+        length, starts = restore.chunk_plan(video.frames.shape[1], job.options.chunk_frames, job.options.chunk_overlap)
+        job.total = len(starts) * job.options.steps
+        media.write_video(job.folder / "input.mp4", video.frames, video.fps)
+        job.files.append("input.mp4")
+        restored = restore.restore_video(model.bb, velocity, video.frames, job.options, progress)
+        media.write_video(job.folder / "output.mp4", restored, video.fps, audio_from=upload if video.has_audio else None)
+        media.write_image(job.folder / "strip.png", frame_strip(video.frames, restored))
+        job.files += ["output.mp4", "strip.png"]
+
+    def _evict(self) -> None:
+        """Delete the oldest finished jobs' files until the folder is under its cap (their records stay)."""
+        with self.lock:
+            for job in list(self.jobs.values()):
+                if folder_bytes(self.root) <= self.max_bytes:
+                    return
+                if job.state in FINISHED and job.folder.exists():
+                    shutil.rmtree(job.folder, ignore_errors=True)
+                    job.files = []
+                    job.error = (job.error or "") + " (files evicted: the server's storage cap was reached)"
+
+
+def _raise(status: int, message: str):
+    raise RequestError(status, message)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def frame_strip(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Up to STRIP_FRAMES evenly spaced frames of two videos [3, F, H, W]: input above, output below, each
+    frame STRIP_HEIGHT pixels high -> [3, 2 * STRIP_HEIGHT, n * width]."""
+    count = before.shape[1]
+    picks = sorted({round(i * (count - 1) / max(1, STRIP_FRAMES - 1)) for i in range(min(count, STRIP_FRAMES))})
+    height, width = before.shape[-2:]
+    size = (STRIP_HEIGHT, max(1, round(width * STRIP_HEIGHT / height)))
+
+    def row(video: torch.Tensor) -> torch.Tensor:
+        frames = video[:, picks].permute(1, 0, 2, 3)  # [n, 3, H, W]
+        frames = F.interpolate(frames, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return torch.cat(list(frames), dim=-1)
+
+    return torch.cat([row(before), row(after)], dim=-2).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, jobs: Jobs, root: Path, max_upload: int, quiet: bool = False):
+        super().__init__(address, Handler)
+        self.jobs, self.root, self.max_upload, self.quiet = jobs, root, max_upload, quiet
+        self.counter = itertools.count()
+
+    def handle_error(self, request, client_address) -> None:  # a broken connection: logged, the server goes on
+        if not self.quiet:
+            super().handle_error(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"
+    server_version = "restore-serve"
+    sys_version = ""
+
+    def log_message(self, format, *args) -> None:
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """Every error (the standard library's own too: a malformed request line, 501) as JSON."""
+        self.close_connection = True
+        self.reply(code, {"error": message or HTTPStatus(code).phrase})
+
+    def reply(self, status: int, body: dict | bytes, content_type: str = "application/json") -> None:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.route("GET")
+
+    def do_POST(self) -> None:
+        self.route("POST")
+
+    def route(self, method: str) -> None:
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            parts = urllib.parse.unquote(url.path).split("/")[1:]
+            query = urllib.parse.parse_qs(url.query)
+            jobs = self.server.jobs
+            if method == "GET" and parts == [""]:
+                self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif method == "GET" and parts == ["api", "info"]:
+                self.reply(200, self.info())
+            elif method == "GET" and parts == ["api", "jobs"]:
+                self.reply(200, {"jobs": jobs.listing()})
+            elif method == "POST" and parts == ["api", "jobs"]:
+                self.reply(202, self.upload(query))
+            elif method == "GET" and len(parts) == 3 and parts[:2] == ["api", "jobs"]:
+                self.reply(200, jobs.status(parts[2]))
+            elif method == "POST" and len(parts) == 4 and parts[:2] == ["api", "jobs"] and parts[3] == "cancel":
+                jobs.cancel(parts[2])
+                self.reply(200, jobs.status(parts[2]))
+            elif method == "GET" and len(parts) == 3 and parts[0] == "files" and parts[2] in FILE_TYPES:
+                self.reply(200, jobs.file(parts[1], parts[2]).read_bytes(), FILE_TYPES[parts[2]])
+            else:
+                raise RequestError(404, f"not found: {url.path[:200]}")
+        except RequestError as err:
+            if err.status >= 400 and method == "POST" and not self.body_read:
+                self.close_connection = True  # the body was not read: the connection cannot be reused
+            self.reply(err.status, {"error": str(err)})
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception as err:  # a bug answers 500 and the server goes on
+            self.close_connection = True
+            self.reply(500, {"error": f"internal error: {type(err).__name__}: {err}"})
+
+    body_read = False
+
+    def info(self) -> dict:
+        jobs = self.server.jobs
+        return {"models": {kind: model.describe() for kind, model in jobs.models.items()},
+                "defaults": {"steps": defaults.STEPS, "t0": defaults.T0},
+                "max_upload": self.server.max_upload, "max_frames": jobs.max_frames}
+
+    def upload(self, query: dict) -> dict:
+        """POST /api/jobs?name=&image_prompt=&video_prompt=&text=&steps=&t0= with the file's bytes as the body (what the page's
+        fetch sends): the bytes go to a fresh job folder under a fixed name, are checked, the job is queued."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or length is None:
+            raise RequestError(411, "the upload needs a Content-Length")
+        try:
+            length = int(length)
+        except ValueError:
+            raise RequestError(400, "a malformed Content-Length") from None
+        if length > self.server.max_upload:
+            raise RequestError(413, f"the upload is {length / 2**20:.1f} MiB; this server takes at most "
+                               f"{self.server.max_upload / 2**20:.1f} MiB (--max-upload-mb)")
+        if length == 0:
+            raise RequestError(400, "the upload is empty")
+        options = request_options(query)
+        folder = self.server.root / secrets.token_hex(8)
+        folder.mkdir(mode=0o700)
+        upload = folder / "upload"
+        try:
+            with upload.open("wb") as out:
+                left = length
+                while left:
+                    chunk = self.rfile.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise RequestError(400, "the upload ended before its Content-Length")
+                    out.write(chunk)
+                    left -= len(chunk)
+            self.body_read = True
+            job = self.server.jobs.submit(upload, first(query, "name", "upload")[:200],
+                                          {k: first(query, f"{k}_prompt", None) for k in ("image", "video")},
+                                          first(query, "text", "")[:500], options)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if job.kind == "image":
+            upload.unlink()  # the decoded pixels are kept as input.png
+        self.server.jobs._evict()
+        return job.public(None)
+
+
+def first(query: dict, key: str, default):
+    return query[key][0] if key in query else default
+
+
+def request_options(query: dict) -> restore.RestoreOptions:
+    """The sampler settings a request asks for (steps, t0); 400 for a malformed or invalid one."""
+    try:
+        steps = int(first(query, "steps", defaults.STEPS))
+        t0 = float(first(query, "t0", defaults.T0))
+        if not steps <= 1000:
+            raise ValueError(f"at most 1000 steps, got {steps}")
+        return restore.RestoreOptions(steps=steps, t0=t0)
+    except ValueError as err:
+        raise RequestError(400, f"bad settings: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (as in sample.py)")
+    g.add_argument("--flux", type=Path, help="FLUX.1 snapshot folder or an image miniature's folder (default: mini/)")
+    g.add_argument("--wan", type=Path, help="Wan2.1-T2V snapshot folder or a video miniature's (default: mini/wan/ "
+                   "when it is there)")
+    g.add_argument("--preset", choices=["tiny"], help="tiny random backbones: study and tests, no weights")
+    g.add_argument("--prompt", action="append", default=[], metavar="FILE", help="learned prompt file for the "
+                   "backbone of its kind (repeatable); with a miniature also a shipped prompt's name. Default: a "
+                   "miniature's shipped prompts; each is a choice on the page, with 'all' (their average) and 'none'")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on "
+                   "CPU)")
+    g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE, help="cache of text-encoder outputs "
+                   "(default: %(default)s)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                   "only; 0.0.0.0 opens the page to the network)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
+    g.add_argument("--max-upload-mb", type=float, default=64, help="largest upload (default: %(default)s MiB)")
+    g.add_argument("--max-storage-mb", type=float, default=1024, help="cap of the temporary folder of uploads and "
+                   "results; the oldest finished jobs' files are deleted beyond it (default: %(default)s MiB)")
+    g.add_argument("--max-frames", type=int, default=65, help="longest video accepted (default: %(default)s frames)")
+    args = p.parse_args(argv)
+    if args.preset is not None and (args.flux or args.wan):
+        p.error("--preset tiny is a backbone of its own; it does not go with --flux/--wan")
+    if min(args.max_upload_mb, args.max_storage_mb) <= 0 or args.max_frames < 1:
+        p.error("the limits must be positive")
+    return args
+
+
+def choose_backbones(args: argparse.Namespace) -> dict:
+    """{"image"|"video": (spec, folder)} before anything is loaded: both kinds unless only one of --flux/--wan
+    is given; the shipped video miniature only when it is there and describes itself."""
+    chosen = {}
+    for kind, key, folder in (("image", "flux", args.flux), ("video", "wan", args.wan)):
+        if (args.flux or args.wan) and folder is None:
+            continue
+        try:
+            spec, where = backbones.resolve(key, folder, args.preset)
+            if spec.source == "miniature":
+                backbones.miniature_kind(where)
+        except ValueError as err:
+            if folder is None and args.preset is None and kind == "video":
+                print(f"serve.py: note: no videos ({err})", file=sys.stderr)
+                continue
+            raise
+        chosen[kind] = spec, where
+    return chosen
+
+
+def prompts_of(args: argparse.Namespace, chosen: dict) -> dict:
+    """{kind: [prompt files]}: each --prompt file goes to the backbone kind it was trained for (its metadata),
+    a bare name to the miniatures that ship a prompt of that name; nothing given: a miniature's shipped ones."""
+    files = {}
+    for kind, (spec, folder) in chosen.items():
+        mine = []
+        for name in args.prompt:
+            path = Path(name)
+            if path.is_file():
+                if weights.read_metadata(path).get("backbone") == spec.kind:
+                    mine.append(name)
+            elif len(chosen) == 1 or (spec.source == "miniature" and (folder / "prompts" / f"{name}.safetensors")
+                                      .is_file()):
+                mine.append(name)  # one backbone: prompt_files says what is wrong with a missing one
+        if args.prompt and not mine:
+            files[kind] = []
+            continue
+        files[kind] = restore.prompt_files(mine, spec, folder)
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    root = None
+    try:
+        chosen = choose_backbones(args)
+        files = prompts_of(args, chosen)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = runtime.default_dtype(device, args.dtype)
+        models = {}
+        for kind, (spec, folder) in chosen.items():
+            bb = backbones.load(spec.name, folder, dtype, device, args.text_cache,
+                                restore.needs_text_encoders(files[kind]))
+            models[kind] = make_model(bb, files[kind], args.text_cache)
+            print(f"{kind}s: {bb.name} ({bb.config}), prompts: {', '.join(models[kind].velocities)}"
+                  + (", text" if models[kind].text else ""), file=sys.stderr)
+        root = Path(tempfile.mkdtemp(prefix="restore-serve-"))
+        jobs = Jobs(models, root, int(args.max_storage_mb * 2**20), args.max_frames)
+        server = Server((args.host, args.port), jobs, root, int(args.max_upload_mb * 2**20))
+    except (ValueError, FileNotFoundError, OSError, weights.CheckpointError) as err:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        sys.exit(f"serve.py: error: {err}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving on http://{shown}:{port}/  (Ctrl-C stops; files in {root}, removed on exit)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        jobs.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
