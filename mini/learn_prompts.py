@@ -44,7 +44,7 @@ METHODS = {  # method -> train.py flags that make it
     "token": ["--site", "token"],
 }
 # One set of optimisation settings for every run (fairness), picked by the pilot described in mini/README.md.
-SETTINGS = {"steps": 400, "batch": 4, "lr": 1e-2}
+SETTINGS = {"steps": 300, "batch": 4, "lr": 1e-2}
 PROMPT_LEN = 16  # the miniature's text length: a longer deep prompt would be cut to it
 # The text-token baseline splices its vectors in before the end-of-text token, so one position fewer is free.
 TOKEN_PROMPT_LEN = PROMPT_LEN - 1
@@ -102,8 +102,8 @@ def main() -> None:
     args = p.parse_args()
     link_photos(args.photos)
 
-    for degradation in args.degradation:
-        for method in args.method if degradation != ALL else ["deep"]:
+    for method in args.method:  # method by method: the method's prompts first
+        for degradation in args.degradation if method == "deep" else [d for d in args.degradation if d != ALL]:
             name = run_name(degradation, method, args.steps)
             if baseline_path(degradation, method, args.steps).exists() and not args.force:
                 print(f"{name}: exists, skipped")
@@ -114,12 +114,13 @@ def main() -> None:
 
 
 def link_photos(folder: Path) -> None:
-    """Link every training photo under `folder` into PHOTOS as <subfolder>_<name> (recreated each time)."""
-    if PHOTOS.exists():
-        shutil.rmtree(PHOTOS)
-    PHOTOS.mkdir(parents=True)
+    """Link every training photo under `folder` into PHOTOS as <subfolder>_<name> (links already there are kept:
+    several recipes may run side by side)."""
+    PHOTOS.mkdir(parents=True, exist_ok=True)
     for path in images.photo_paths(folder):
-        (PHOTOS / f"{path.parent.name}_{path.name}").symlink_to(path.resolve())
+        link = PHOTOS / f"{path.parent.name}_{path.name}"
+        if not link.is_symlink():
+            link.symlink_to(path.resolve())
 
 
 def record_run(name: str, entry: dict) -> None:
