@@ -53,3 +53,6 @@ def is_clip_length(frames: int) -> bool:
 def clip_length_at_most(frames: int) -> int:
     """The longest 4k+1 clip length <= frames (frames >= 1)."""
     return (frames - 1) // FRAME_STRIDE * FRAME_STRIDE + 1
+
+# A miniature's default prompt when none is named: the all-in-one prompt, prompts/ALL_IN_ONE.safetensors.
+ALL_IN_ONE = "all"
