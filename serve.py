@@ -291,15 +291,17 @@ class Jobs:
         job.files += ["output.mp4", "strip.png"]
 
     def _evict(self) -> None:
-        """Delete the oldest finished jobs' files until the folder is under its cap (their records stay)."""
+        """Delete the oldest finished jobs' files (never the latest one's) until the folder is under its cap;
+        their records stay, saying so."""
         with self.lock:
-            for job in list(self.jobs.values()):
+            finished = sorted((job for job in self.jobs.values() if job.state in FINISHED and job.folder.exists()),
+                              key=lambda job: job.finished)
+            for job in finished[:-1]:
                 if folder_bytes(self.root) <= self.max_bytes:
                     return
-                if job.state in FINISHED and job.folder.exists():
-                    shutil.rmtree(job.folder, ignore_errors=True)
-                    job.files = []
-                    job.error = (job.error or "") + " (files evicted: the server's storage cap was reached)"
+                shutil.rmtree(job.folder, ignore_errors=True)
+                job.files = []
+                job.error = ((job.error or "") + " (files evicted: the server's storage cap was reached)").strip()
 
 
 def _raise(status: int, message: str):
@@ -314,7 +316,8 @@ def frame_strip(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Up to STRIP_FRAMES evenly spaced frames of two videos [3, F, H, W]: input above, output below, each
     frame STRIP_HEIGHT pixels high -> [3, 2 * STRIP_HEIGHT, n * width]."""
     count = before.shape[1]
-    picks = sorted({round(i * (count - 1) / max(1, STRIP_FRAMES - 1)) for i in range(min(count, STRIP_FRAMES))})
+    shown = min(count, STRIP_FRAMES)
+    picks = [round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)]
     height, width = before.shape[-2:]
     size = (STRIP_HEIGHT, max(1, round(width * STRIP_HEIGHT / height)))
 
@@ -497,7 +500,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: any free port)")
     g.add_argument("--max-upload-mb", type=float, default=64, help="largest upload (default: %(default)s MiB)")
     g.add_argument("--max-storage-mb", type=float, default=1024, help="cap of the temporary folder of uploads and "
-                   "results; the oldest finished jobs' files are deleted beyond it (default: %(default)s MiB)")
+                   "results; beyond it the oldest finished jobs' files are deleted, all but the latest one's "
+                   "(default: %(default)s MiB)")
     g.add_argument("--max-frames", type=int, default=65, help="longest video accepted (default: %(default)s frames)")
     args = p.parse_args(argv)
     if args.preset is not None and (args.flux or args.wan):

@@ -1,0 +1,389 @@
+"""serve.py: the restoration page's HTTP server on the tiny backbones, through HTTP as the page talks to it.
+
+The server runs in a thread on an ephemeral loopback port; uploads are raw bodies to POST /api/jobs (what the
+page's fetch sends), progress is polled from /api/jobs/ID, results are fetched from /files/ID/NAME.
+"""
+
+import base64
+import fcntl
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import backbone
+import data
+import media
+import restore
+import serve
+import streaming
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_UPLOAD = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Both tiny backbones; the image one with a prompt trained for a few steps (choice "prompt"; a large
+    learning rate, so that it visibly changes the restoration)."""
+    root = tmp_path_factory.mktemp("prompt")
+    spec = backbone.BACKBONES["tiny-flux"]
+    dataset = data.toy_dataset(False, "noise", spec.train_size, None)
+    options = training.TrainOptions(prompt_len=spec.prompt_len, steps=4, batch=2, lr=1.0, log_every=100)
+    training.train(backbone.tiny("flux"), dataset, options, root)
+    return {"image": serve.make_model(backbone.load("tiny-flux"), [root / "prompt.safetensors"]),
+            "video": serve.make_model(backbone.load("tiny-wan"), [])}
+
+
+def start_server(models, max_bytes=1 << 30):
+    root = Path(tempfile.mkdtemp(prefix="test-serve-"))
+    jobs = serve.Jobs(models, root, max_bytes, max_frames=17)
+    server = serve.Server(("127.0.0.1", 0), jobs, root, MAX_UPLOAD, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server):
+    server.shutdown()
+    server.server_close()
+    server.jobs.stop()
+    shutil.rmtree(server.root)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    server = start_server(models)
+    yield server
+    stop_server(server)
+
+
+def request(server, method, path, body=None, headers=None):
+    """(status, body bytes) of one request; `path` is sent exactly as given (no normalisation)."""
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def png(image: torch.Tensor) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(out, format="PNG")
+    return out.getvalue()
+
+
+def upload(server, body: bytes, **query) -> dict:
+    query = "&".join(f"{k}={v}" for k, v in query.items())
+    status, reply = request(server, "POST", f"/api/jobs?{query}", body, {"Content-Type": "application/octet-stream"})
+    assert status == 202, reply
+    return json.loads(reply)
+
+
+def wait(server, job_id, states=serve.FINISHED, timeout=120) -> dict:
+    """Poll the job until it is in one of `states`; the progress seen must only go up."""
+    seen = -1
+    for _ in range(int(timeout / 0.05)):
+        status, reply = request(server, "GET", f"/api/jobs/{job_id}")
+        assert status == 200, reply
+        job = json.loads(reply)
+        assert job["done"] >= seen
+        seen = job["done"]
+        if job["state"] in states:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
+
+
+def error_of(reply: bytes) -> str:
+    return json.loads(reply)["error"]
+
+
+def test_image_round_trip_equals_the_library(server, models):
+    image = data.toy_images(1, 40, 56, seed=1)[0]  # sizes not multiples of 16: padded and cropped back
+    image = (image * 255).round() / 255  # what an 8-bit PNG holds
+    job = upload(server, png(image), name="photo.png", image_prompt="prompt", steps=3, t0=0.5)
+    assert (job["kind"], job["prompt"]) == ("image", "prompt") and job["state"] in ("queued", "running")
+    job = wait(server, job["id"])
+    assert job["state"] == "done" and job["done"] == job["total"] == 3, job
+    status, body = request(server, "GET", job["files"]["output.png"])
+    assert status == 200
+    restored = torch.from_numpy(np.array(Image.open(io.BytesIO(body)))).permute(2, 0, 1).float() / 255
+    assert restored.shape == (3, 40, 56)
+    status, body = request(server, "GET", job["files"]["input.png"])
+    assert torch.equal(torch.from_numpy(np.array(Image.open(io.BytesIO(body)))).permute(2, 0, 1).float() / 255,
+                       image)
+    model = models["image"]
+    expected = restore.restore_image(model.bb, model.velocities["prompt"], image,
+                                     restore.RestoreOptions(steps=3, t0=0.5))
+    assert (restored - expected).abs().max() <= 1 / 255 + 1e-6  # the library's restoration, 8-bit rounded
+    plain = restore.restore_image(model.bb, model.velocities["none"], image, restore.RestoreOptions(steps=3, t0=0.5))
+    assert (plain - expected).abs().max() > 0.05  # the prompt choice reached the restoration
+
+
+def test_video_round_trip(server, tmp_path):
+    clip = data.toy_videos(1, 5, 32, 48, seed=2)[0]
+    media.write_video(tmp_path / "clip.mp4", clip, fps=12)
+    job = upload(server, (tmp_path / "clip.mp4").read_bytes(), name="clip.mp4", steps=2)
+    assert job["kind"] == "video"
+    job = wait(server, job["id"])
+    assert job["state"] == "done" and job["done"] == job["total"] == 2, job
+    for name in ("input.mp4", "output.mp4"):
+        status, body = request(server, "GET", job["files"][name])
+        assert status == 200
+        (tmp_path / name).write_bytes(body)
+        info = streaming.probe(tmp_path / name)
+        assert (info.frames, info.fps, info.height, info.width) == (5, 12, 32, 48)
+    status, body = request(server, "GET", job["files"]["strip.png"])
+    assert Image.open(io.BytesIO(body)).size == (5 * 144, 2 * serve.STRIP_HEIGHT)  # 5 frames, 48/32 * 96 wide
+
+
+def test_refusals_are_clear_json_errors(server, tmp_path):
+    kept = set(server.root.iterdir())
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.putrequest("POST", "/api/jobs")
+    conn.putheader("Content-Length", str(MAX_UPLOAD + 1))
+    conn.endheaders()  # the body is never sent: the size alone is refused
+    response = conn.getresponse()
+    assert response.status == 413 and "at most 1.0 MiB" in error_of(response.read())
+    conn.close()
+    status, reply = request(server, "POST", "/api/jobs", b"#!/bin/sh\necho not a picture\n" * 10)
+    assert status == 400 and "neither an image nor a video" in error_of(reply)
+    rgba = io.BytesIO()
+    Image.new("RGBA", (32, 32)).save(rgba, format="PNG")
+    status, reply = request(server, "POST", "/api/jobs", rgba.getvalue())
+    assert status == 400 and "alpha" in error_of(reply) and str(server.root) not in error_of(reply)
+    image = png(torch.rand(3, 32, 32))
+    status, reply = request(server, "POST", "/api/jobs?image_prompt=haze", image)
+    assert status == 400 and "unknown prompt 'haze'" in error_of(reply)
+    status, reply = request(server, "POST", "/api/jobs?steps=two", image)
+    assert status == 400 and "bad settings" in error_of(reply)
+    status, reply = request(server, "POST", "/api/jobs?t0=2", image)
+    assert status == 400 and "T0" in error_of(reply)
+    status, reply = request(server, "POST", "/api/jobs?image_prompt=text&text=sharp", image)
+    assert status == 400 and "no text prompting" in error_of(reply)
+    media.write_video(tmp_path / "long.mp4", data.toy_videos(1, 18, 32, 32, seed=3)[0], fps=12)
+    status, reply = request(server, "POST", "/api/jobs", (tmp_path / "long.mp4").read_bytes())
+    assert status == 400 and "at most 17" in error_of(reply)
+    assert set(server.root.iterdir()) == kept  # nothing refused was kept
+
+
+def test_only_the_page_and_job_files_are_served(server):
+    job = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
+    assert request(server, "GET", job["files"]["output.png"])[0] == 200
+    secret = server.root / "secret.txt"
+    secret.write_text("private")
+    try:
+        for path in ["/../serve.py", "/%2e%2e/serve.py", "/%2E%2E%2Fserve.py", "/files/../serve.py",
+                     f"/files/{job['id']}/../../serve.py", f"/files/{job['id']}/%2e%2e%2f%2e%2e%2fserve.py",
+                     f"/files/%2e%2e/{job['id']}/output.png", "/files/%2e%2e/secret.txt", "/files/../secret.txt",
+                     f"/files/{job['id']}/upload", f"/files/{job['id']}/", f"/files/{job['id']}", "/files/",
+                     "/serve.html", "/serve.py", "//etc/passwd", "/%2fetc%2fpasswd", "/api/../serve.py",
+                     f"/files/{job['id']}/output.png/..", "/files/0123456789abcdef/output.png"]:
+            status, reply = request(server, "GET", path)
+            assert status == 404 and "error" in json.loads(reply), path
+    finally:
+        secret.unlink()
+
+
+def test_malformed_requests_never_stop_the_server(server):
+    for raw in [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"\x00\xff" * 100 + b"\r\n\r\n",
+                b"POST /api/jobs HTTP/1.1\r\nContent-Length: nine\r\n\r\n",
+                b"POST /api/jobs HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort"]:
+        with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)
+            reply = sock.recv(65536)  # (an unparseable request line is answered HTTP/0.9 style: no status line)
+            assert b'{"error": ' in reply, (raw, reply)
+    assert request(server, "DELETE", "/api/jobs")[0] == 501
+    status, reply = request(server, "GET", "/api/info")
+    assert status == 200 and json.loads(reply)["models"]["image"]["prompts"] == ["none", "prompt"]
+    status, page = request(server, "GET", "/")
+    assert status == 200 and b"/api/jobs" in page and b"http://" not in page and b"https://" not in page  # offline
+
+
+def test_concurrent_uploads_finish_in_order(server):
+    jobs, errors = [], []
+
+    def send(seed):
+        try:
+            jobs.append(upload(server, png(torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(seed))),
+                               steps=20))
+        except AssertionError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=send, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(jobs) == 2
+    first, second = sorted((server.jobs.jobs[job["id"]] for job in jobs), key=lambda job: job.created)
+    for job in (first, second):
+        assert wait(server, job.id)["state"] == "done"
+    assert first.started <= first.finished <= second.started  # one at a time, in the order they came
+
+
+def test_cancel_a_running_and_a_queued_job(server):
+    running = upload(server, png(torch.rand(3, 32, 32)), steps=1000)
+    queued = upload(server, png(torch.rand(3, 32, 32)), steps=1000)
+    assert wait(server, queued["id"], ("queued",))["position"] == 1
+    wait(server, running["id"], ("running",))
+    for job in (queued, running):
+        status, reply = request(server, "POST", f"/api/jobs/{job['id']}/cancel")
+        assert status == 200
+    queued, running = wait(server, queued["id"]), wait(server, running["id"])
+    assert queued["state"] == running["state"] == "cancelled"
+    assert queued["done"] == 0 and running["done"] < 1000 and "output.png" not in running["files"]
+    assert request(server, "POST", "/api/jobs/0123456789abcdef/cancel")[0] == 404
+    after = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
+    assert after["state"] == "done"  # the worker goes on
+
+
+def test_storage_cap_evicts_the_oldest_results(models):
+    server = start_server(models, max_bytes=1)  # always over the cap: only the latest result is kept
+    try:
+        first = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
+        assert request(server, "GET", first["files"]["output.png"])[0] == 200
+        second = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
+        assert request(server, "GET", first["files"]["output.png"])[0] == 404
+        assert not (server.root / first["id"]).exists()
+        assert "evicted" in wait(server, first["id"])["error"]
+        assert request(server, "GET", second["files"]["output.png"])[0] == 200
+    finally:
+        stop_server(server)
+
+
+def test_command_line_private_folder_removed_on_exit():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "serve.py", "--preset", "tiny", "--port", "0"], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("serving on")):
+            lines.append(process.stderr.readline())
+            assert lines[-1], "".join(lines)
+        address = lines[-1].split()[2]
+        folder = Path(lines[-1].split("files in ")[1].split(",")[0])
+        assert address.startswith("http://127.0.0.1:")
+        assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+        host, port = address[7:-1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/api/info")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert not folder.exists()
+
+
+# ---------------------------------------------------------------------------------------------- a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: NUL-terminated
+    JSON on file descriptors 3 and 4), so no WebSocket library is needed."""
+
+    def __init__(self, profile: Path):
+        to_browser, self.write_fd = (high_fd(fd) for fd in os.pipe())
+        self.read_fd, from_browser = (high_fd(fd) for fd in os.pipe())
+        null = high_fd(os.open(os.devnull, os.O_WRONLY))
+        argv = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--no-first-run", f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1100,900",
+                "about:blank"]
+        self.pid = os.posix_spawn(CHROMIUM, argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, to_browser, 3), (os.POSIX_SPAWN_DUP2, from_browser, 4),
+            (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, null, 2)])
+        for fd in (to_browser, from_browser, null):
+            os.close(fd)
+        self.reader = os.fdopen(self.read_fd, "rb")
+        self.next_id, self.session = 0, None
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self.write_fd, json.dumps(message).encode() + b"\0")
+        buffer = b""
+        while True:
+            byte = self.reader.read(1)
+            assert byte, "chromium closed the pipe"
+            if byte != b"\0":
+                buffer += byte
+                continue
+            reply, buffer = json.loads(buffer), b""
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self):
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        self.reader.close()
+        os.close(self.write_fd)
+
+
+def high_fd(fd: int) -> int:
+    """`fd` moved to a number above 10 (close-on-exec), so that placing the pipes on 3 and 4 clobbers neither."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian: apt-get install chromium)")
+def test_browser_drops_an_image_and_sees_it_restored(server, tmp_path):
+    (tmp_path / "photo.png").write_bytes(png(data.toy_images(1, 96, 128, seed=4)[0]))
+    browser = Browser(tmp_path / "profile")
+    try:
+        target = next(t for t in browser.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        browser.session = browser.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)["sessionId"]
+        host, port = server.server_address[:2]
+        browser.send("Page.navigate", url=f"http://{host}:{port}/")
+        for _ in range(200):
+            if browser.evaluate("document.querySelectorAll('#image-prompt option').length") == 2:
+                break
+            time.sleep(0.05)
+        browser.evaluate("document.getElementById('steps').value = 4")
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(tmp_path / "photo.png")])
+        for _ in range(1200):
+            if browser.evaluate("!!document.querySelector('.job.done .compare img.after')?.complete"):
+                break
+            time.sleep(0.1)
+        assert browser.evaluate("document.querySelector('.job .name').textContent") == "photo.png"
+        assert browser.evaluate("document.querySelector('.job .state').textContent") == "done"
+        assert browser.evaluate("document.querySelector('.job.done .compare img.after').naturalWidth") == 128
+        assert browser.evaluate("document.querySelector('a.download').download") == "photo_restored.png"
+        time.sleep(0.5)
+        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+    finally:
+        browser.close()
+    picture = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    assert picture.shape[1] == 1100 and picture.std() > 10  # a rendered page, not a blank one
+    if os.environ.get("SERVE_SCREENSHOT"):
+        Path(os.environ["SERVE_SCREENSHOT"]).write_bytes(shot)
