@@ -13,12 +13,10 @@ import torch
 import backbone
 import bridge
 import media
-import prompts
 import restore
 import weights
 from mini import compare, images
 from mini.pretrain_ae import psnr
-from mini.restoration_net import RestorationNet
 from model import flux as flux_model
 from model.autoencoder import AutoEncoder, AutoEncoderParams
 from model.clip import CLIPTextConfig, CLIPTextEncoder
@@ -32,7 +30,7 @@ NETWORKS = {  # json entry -> (file, model class, config class)
     "t5": ("t5.safetensors", T5Encoder, T5Config),
     "clip": ("clip.safetensors", CLIPTextEncoder, CLIPTextConfig),
 }
-AE_MIN_PSNR = 23.5  # dB on the held-out chelsea crop; 24.36 measured when the miniature was made (README)
+AE_MIN_PSNR = 27.0  # dB, mean over the four held-out crops; see mini/figures.json for the measured value
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def test_config_matches_tensors(entry):
 def test_weights_fit_the_budget():
     total = sum((MINI / file).stat().st_size for file, _, _ in NETWORKS.values())
     print(f"miniature weights: {total / 2**20:.2f} MiB")
-    assert total <= 20 * 10**6
+    assert total <= 40 * 10**6
 
 
 def test_loads_as_a_flux_backbone(bb):
@@ -64,12 +62,27 @@ def test_loads_as_a_flux_backbone(bb):
     assert torch.isfinite(bb.txt).all() and torch.isfinite(bb.pooled).all()
 
 
+@torch.no_grad()
 def test_autoencoder_reconstructs_heldout(bb):
-    clean = images.heldout_crops()["chelsea"][None]
-    recon = (bb.decode(bb.encode(clean * 2 - 1)) + 1) / 2
-    score = psnr(recon, clean)
-    print(f"held-out chelsea reconstruction: {score:.2f} dB")
-    assert score > AE_MIN_PSNR
+    crops = images.heldout_crops()
+    scores = {name: psnr((bb.decode(bb.encode(c[None] * 2 - 1)).clamp(-1, 1) + 1) / 2, c[None]) for name, c in crops.items()}
+    print(f"held-out round trips: {scores}")
+    assert sum(scores.values()) / len(scores) > AE_MIN_PSNR
+
+
+@torch.no_grad()
+def test_text_pathway_has_leverage(bb):
+    """Pre-training on captioned looks gave the text stream a say: at the bridge's start (t = T0) on a held-out
+    latent, the caption "hazy" moves the velocity away from that of "clean" by more than a tenth of its norm (the
+    8x miniature without captions: 5-8%, too little for any prompt to steer)."""
+    x0 = bb.encode(images.heldout_crops()["kodim23"][None] * 2 - 1)
+    x_t = 0.6 * x0 + 0.4 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.4])
+    v = {w: bb.velocity(x_t, t, txt=c[0], pooled=c[1]) for w in ("clean", "hazy")
+         for c in [restore.text_conditioning(bb, w)]}
+    leverage = ((v["hazy"] - v["clean"]).norm() / v["clean"].norm()).item()
+    print(f"|v(hazy) - v(clean)| / |v(clean)| = {leverage:.3f}")
+    assert leverage > 0.1
 
 
 @torch.no_grad()
@@ -109,26 +122,26 @@ def _psnr_rgb(restored, clean) -> float:
     return restore.measure(restored, clean)["psnr"]
 
 
-def test_shipped_prompt_reproduces_the_table(tmp_path, one_thread):
-    """One figure of the README table, recomputed from the shipped weights and one shipped deep prompt with the
-    table's protocol: the four held-out crops degraded from their fixed seeds, restored and measured as
-    `sample.py --eval` does (restore.evaluate) with the default sampler settings, the mean PSNR over the crops."""
-    degradation = "lowlight"
-    manifest = compare.build_eval_sets(tmp_path / "eval", [degradation])[degradation]
+def test_shipped_prompt_reproduces_the_table(one_thread):
+    """One figure of the table, recomputed from the shipped weights and one shipped deep prompt with the table's
+    protocol: the four held-out crops degraded with our own low-light settings (mini/unseen.py, fixed seeds),
+    restored with the default sampler, the mean PSNR."""
+    column = "unseen-lowlight"
+    items = [i for i in compare.eval_items_unseen() if i["column"] == column]
     bb = backbone.load("mini-flux")
-    (prompt, _), = restore.load_prompts(restore.prompt_files([degradation], bb.spec, bb.folder), bb)
-    items = restore.evaluate(bb, restore.velocity_for(bb, [prompt]), restore.evaluation_items(manifest),
-                             restore.RestoreOptions())
-    score = sum(item["psnr"] for item in items) / len(items)
-    recorded = RESULTS["mean"]["deep"][degradation]["psnr"]
-    print(f"{degradation}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
+    (prompt, _), = restore.load_prompts(restore.prompt_files(["lowlight"], bb.spec, bb.folder), bb)
+    velocity = restore.velocity_for(bb, [prompt])
+    scores = [_psnr_rgb(restore.restore_image(bb, velocity, i["degraded"], restore.RestoreOptions()), i["clean"])
+              for i in items]
+    score, recorded = sum(scores) / len(scores), RESULTS["mean"]["deep"][column]["psnr"]
+    print(f"{column}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
     assert len(items) == len(images.HELDOUT)
     assert abs(score - recorded) < TABLE_TOLERANCE_DB
 
 
 def test_default_command_beats_the_degraded_input(tmp_path):
     """README's first command, `python sample.py --image mini/example.png`, run as a user would (no backbone, no
-    prompt: the shipped miniature and all its prompts), restores better than the degraded input it was given."""
+    prompt: the shipped miniature and its default prompt), restores better than the degraded input it was given."""
     root = MINI.parent
     out = tmp_path / "restored.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -137,13 +150,5 @@ def test_default_command_beats_the_degraded_input(tmp_path):
     clean = images.heldout_crops()[RESULTS["example"]["image"]]
     before, after = _psnr_rgb(media.read_image(MINI / "example.png"), clean), _psnr_rgb(media.read_image(out), clean)
     print(f"example.png: input {before:.2f} dB -> restored {after:.2f} dB")
-    assert after > before
+    assert after > before + 2
     assert abs(after - RESULTS["example"]["psnr_default"]) < TABLE_TOLERANCE_DB
-
-
-def test_restoration_net_is_prompt_sized():
-    """The pixel-space baseline has about as many trainable parameters as one deep prompt (16 x 128 + 8 = 2056)."""
-    deep = prompts.DeepPrompt(num_blocks=8, length=16, width=SPEC["flux"]["hidden_size"])
-    deep_count = sum(p.numel() for p in deep.parameters())
-    net_count = sum(p.numel() for p in RestorationNet().parameters())
-    assert deep_count == 2056 and 2000 <= net_count <= 3000, (deep_count, net_count)
