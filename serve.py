@@ -110,6 +110,8 @@ def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | Non
         text = True
     except ValueError:
         text = False
+    if text and bb.spec.source == "miniature":  # a miniature's words come from the vocabulary it records
+        text = bool(json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary"))
     default = "all" if len(modules) > 1 else files[0].stem if files else "none"
     return Model(bb, velocities, default, text, text_cache)
 
@@ -197,8 +199,9 @@ class Jobs:
         try:
             info = streaming.probe(upload)
         except Exception as err:  # PyAV raises its own errors for bytes that are no media at all
-            raise RequestError(400, "the upload is neither an image nor a video that can be decoded "
-                               f"({str(err).replace(str(upload), 'the upload')})") from None
+            reason = getattr(err, "strerror", None) or str(err).replace(str(upload), "the upload")
+            raise RequestError(400, f"the upload is neither an image nor a video that can be decoded ({reason})") \
+                from None
         if "video" not in self.models:
             raise RequestError(400, "this server restores images only (no video backbone loaded)")
         if info.frames > self.max_frames:
@@ -549,6 +552,11 @@ def prompts_of(args: argparse.Namespace, chosen: dict) -> dict:
             files[kind] = []
             continue
         files[kind] = restore.prompt_files(mine, spec, folder)
+    used = {Path(f).stem for kind_files in files.values() for f in kind_files}
+    unused = [name for name in args.prompt if Path(name).stem not in used]
+    if unused:
+        raise ValueError(f"--prompt {unused[0]}: no loaded backbone ({', '.join(s.name for s, _ in chosen.values())}) "
+                         "takes it (not a prompt file of its kind, nor a shipped prompt's name)")
     return files
 
 

@@ -362,8 +362,10 @@ def high_fd(fd: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian: apt-get install chromium)")
-def test_browser_drops_an_image_and_sees_it_restored(server, tmp_path):
+def test_browser_drops_an_image_and_sees_it_restored(models, tmp_path):
+    server = start_server(models)  # its own server: the page lists every job the server has
     (tmp_path / "photo.png").write_bytes(png(data.toy_images(1, 96, 128, seed=4)[0]))
+    (tmp_path / "notes.txt").write_text("not a picture\n" * 20)
     browser = Browser(tmp_path / "profile")
     try:
         host, port = server.server_address[:2]
@@ -375,6 +377,13 @@ def test_browser_drops_an_image_and_sees_it_restored(server, tmp_path):
         browser.evaluate("document.getElementById('steps').value = 4")
         root = browser.send("DOM.getDocument")["root"]["nodeId"]
         node = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(tmp_path / "notes.txt")])
+        for _ in range(200):
+            if browser.evaluate("document.getElementById('error').textContent"):
+                break
+            time.sleep(0.05)
+        assert "notes.txt: the upload is neither an image nor a video" in browser.evaluate(
+            "document.getElementById('error').textContent")
         browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(tmp_path / "photo.png")])
         for _ in range(1200):
             if browser.evaluate("!!document.querySelector('.job.done .compare img.after')?.complete"):
@@ -384,10 +393,12 @@ def test_browser_drops_an_image_and_sees_it_restored(server, tmp_path):
         assert browser.evaluate("document.querySelector('.job .state').textContent") == "done"
         assert browser.evaluate("document.querySelector('.job.done .compare img.after').naturalWidth") == 128
         assert browser.evaluate("document.querySelector('a.download').download") == "photo_restored.png"
+        assert browser.evaluate("document.getElementById('error').textContent") == ""  # a new upload clears it
         time.sleep(0.5)
         shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
     finally:
         browser.close()
+        stop_server(server)
     picture = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
     assert picture.shape[:2] == (1000, 1100) and picture.std() > 10  # a rendered page, not a blank one
     if os.environ.get("SERVE_SCREENSHOT"):
