@@ -16,7 +16,8 @@ named one.
 The estimator (`Estimator`, ~30k parameters) has two branches: an overview of the whole input resized to
 `size` x `size` (haze, low light, colour casts: global statistics) and a detail view, the centre `detail` x
 `detail` crop at native resolution together with its high-pass residual (noise, blur, rain streaks, snow
-flakes: they vanish when an image is shrunk). Each branch is three strided 3x3 convolutions whose features are
+flakes: they vanish when an image is shrunk); both also see the input auto-exposed (`exposed`), so that a dark
+input's other degradations are seen at a normal brightness. Each branch is three strided 3x3 convolutions whose features are
 mean- and max-pooled; a two-layer head gives one logit per degradation. It is trained with a binary
 cross-entropy on synthetic pairs from data.DEGRADATIONS on clean photos: clean crops (all labels 0), single
 degradations and pairs of them applied in physical order (`ORDER`: the scene's haze, snow and rain first,
@@ -80,6 +81,12 @@ def _pool(features: Tensor) -> Tensor:
     return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
 
 
+def exposed(x: Tensor) -> Tensor:
+    """x [B, 3, H, W] scaled to a mean of 0.45 (an auto-exposure), so that what a dark input hides (its blur,
+    snow, haze) is seen at a normal brightness; clamped to [0, 2]."""
+    return (x * 0.45 / (x.mean(dim=(1, 2, 3), keepdim=True) + 0.02)).clamp(0, 2)
+
+
 def high_pass(x: Tensor) -> Tensor:
     """x [B, 3, H, W] minus its 3x3 box-filtered self (edges replicated): noise, streaks, flakes and edges."""
     return x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
@@ -97,8 +104,8 @@ class Estimator(nn.Module):
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the estimator needs distinct degradation names, got {list(names)}")
         self.names, self.size, self.detail, self.width = list(names), size, detail, width
-        self.overview = _branch(3, width)
-        self.fine = _branch(6, width)
+        self.overview = _branch(6, width)
+        self.fine = _branch(9, width)
         self.head = nn.Sequential(nn.Linear(8 * width, 2 * width), nn.ReLU(), nn.Linear(2 * width, len(names)))
 
     @property
@@ -114,8 +121,9 @@ class Estimator(nn.Module):
         return overview, image[:, top:top + self.detail, left:left + self.detail]
 
     def forward(self, overview: Tensor, detail: Tensor) -> Tensor:
-        features = [_pool(self.overview(overview * 2 - 1)),
-                    _pool(self.fine(torch.cat([detail * 2 - 1, 8 * high_pass(detail)], dim=1)))]
+        bright = exposed(detail)
+        features = [_pool(self.overview(torch.cat([overview * 2 - 1, exposed(overview) - 0.5], dim=1))),
+                    _pool(self.fine(torch.cat([detail * 2 - 1, bright - 0.5, 8 * high_pass(bright)], dim=1)))]
         return self.head(torch.cat(features, dim=1))
 
     @torch.no_grad()
@@ -162,12 +170,12 @@ def describe_weights(decided: dict[str, float]) -> str:
 
 
 def _sample_names(names: Sequence[str], generator: torch.Generator, pairs: bool) -> list[str]:
-    """Clean (1 in 7), one degradation (4 in 7, or 6 in 7 without pairs) or two distinct ones (2 in 7)."""
+    """Clean (1 in 7), one degradation (3 in 7, or 6 in 7 without pairs) or two distinct ones (3 in 7)."""
     draw = int(torch.randint(7, (), generator=generator))
     if draw == 0:
         return []
     order = torch.randperm(len(names), generator=generator).tolist()
-    count = 2 if pairs and draw >= 5 and len(names) > 1 else 1
+    count = 2 if pairs and draw >= 4 and len(names) > 1 else 1
     return [names[i] for i in order[:count]]
 
 

@@ -33,6 +33,7 @@ import backbone as backbones
 import bridge
 import data
 import defaults
+import estimator
 import media
 import metrics
 import prompts
@@ -87,7 +88,8 @@ def prompt_files(requested: Sequence[str], spec: backbones.Spec, folder: Path | 
     model). `none`: no prompt at all (the no-learning baseline)."""
     if none:
         return []
-    shipped = sorted((folder / "prompts").glob("*.safetensors")) if spec.source == "miniature" else []
+    shipped = sorted(p for p in (folder / "prompts").glob("*.safetensors") if p.name != estimator.BANK_NAME) \
+        if spec.source == "miniature" else []
     paths = []
     for file in requested:
         path = Path(file)
@@ -150,15 +152,51 @@ def text_conditioning(bb: backbones.Backbone, words: str, cache: Path | None = N
 
 
 def velocity_for(bb: backbones.Backbone, prompt_modules: Sequence[nn.Module] = (),
-                 conditioning: tuple[Tensor, Tensor | None] | None = None) -> bridge.VelocityFn:
+                 conditioning: tuple[Tensor, Tensor | None] | None = None,
+                 mix: Sequence[float] | None = None) -> bridge.VelocityFn:
     """The velocity the sampler walks with: the plain pre-trained model (no prompt), one prompt's, or the average
-    of several prompts' velocities at every step (the paper's recipe for mixed degradations). `conditioning`
+    of several prompts' velocities at every step (the paper's recipe for mixed degradations); `mix` (one weight per
+    prompt, summing to 1, e.g. from `--prompt auto`'s estimator) make it a weighted average. `conditioning`
     (from `text_conditioning`) replaces the empty prompt's for this velocity only."""
     txt, pooled = conditioning if conditioning is not None else (None, None)
+    if mix is not None and (len(mix) != len(prompt_modules) or abs(sum(mix) - 1) > 1e-6 or min(mix, default=0) < 0):
+        raise ValueError(f"need one non-negative weight per prompt summing to 1, got {list(mix)} for "
+                         f"{len(prompt_modules)} prompts")
     if not prompt_modules:
         return lambda x, t: bb.velocity(x, t, None, txt, pooled)
     velocities = [lambda x, t, p=p: bb.velocity(x, t, p, txt, pooled) for p in prompt_modules]
-    return velocities[0] if len(velocities) == 1 else bridge.average_velocity(velocities)
+    if len(velocities) == 1:
+        return velocities[0]
+    if mix is None:
+        return bridge.average_velocity(velocities)
+
+    def weighted(x: Tensor, t: Tensor) -> Tensor:
+        return sum(w * velocity(x, t) for w, velocity in zip(mix, velocities))
+
+    return weighted
+
+
+def load_bank(path: Path, bb: backbones.Backbone) -> estimator.Bank:
+    """A prompt bank (estimator.py) for `--prompt auto`, its prompts checked against the backbone (kind and
+    config), attached and on its device; the estimator on the CPU (it looks at pixels only)."""
+    bank = estimator.load_bank(path)
+    for i, (prompt, meta) in enumerate(bank.prompts):
+        if meta["backbone"] != bb.kind or meta["config"] != bb.config:
+            raise ValueError(f"{path}: its prompts were trained for {meta['backbone']} ({meta['config']}), the "
+                             f"backbone is {bb.kind} ({bb.config})")
+        bank.prompts[i] = (bb.attach(prompt).to(bb.device), meta)
+    return bank
+
+
+def blind_velocity(bb: backbones.Backbone, bank: estimator.Bank,
+                   degraded: Tensor) -> tuple[bridge.VelocityFn, dict[str, float]]:
+    """`--prompt auto` for one input (image [3, H, W] or video [3, F, H, W] in [0, 1]): the estimator's
+    decision {degradation: weight} and the velocity mixing only the chosen prompts with those weights (one
+    prompt when one dominates: no extra model evaluations)."""
+    decided = estimator.prompt_weights(bank.estimator.scores(degraded))
+    chosen = [bank.names.index(name) for name in decided]
+    velocity = velocity_for(bb, [bank.prompts[i][0] for i in chosen], mix=list(decided.values()))
+    return velocity, decided
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -307,11 +345,13 @@ def measure(pred: Tensor, target: Tensor, resize: int | None = None, lpips: metr
     return row
 
 
-def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn, item: data.ManifestItem,
+def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, item: data.ManifestItem,
                   options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
-                  progress: ProgressFn | None = None) -> tuple[Tensor, dict]:
+                  progress: ProgressFn | None = None, bank: estimator.Bank | None = None) -> tuple[Tensor, dict]:
     """Read an item, restore its degraded input and measure it: (restored, row). The row names the item and
-    holds `measure`'s figures of the restoration and, as input_*, of the degraded input itself."""
+    holds `measure`'s figures of the restoration and, as input_*, of the degraded input itself. With a prompt
+    `bank` (`--prompt auto`; `velocity` None) the velocity is `blind_velocity`'s and the row records its
+    decision as "auto" {degradation: weight}."""
     if isinstance(item.degraded, list):
         degraded = media.read_clip(item.degraded, 0, len(item.degraded))
         clean = media.read_clip(item.clean, 0, len(item.clean))
@@ -322,17 +362,21 @@ def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn, item: dat
     name = item_name(item)
     if degraded.shape != clean.shape:
         raise ValueError(f"{name}: input {list(degraded.shape)} and target {list(clean.shape)} differ in size")
+    decided = None
+    if bank is not None:
+        velocity, decided = blind_velocity(bb, bank, degraded)
     restored = restore(bb, velocity, degraded, options, progress)
     row = {"name": name, "dataset": item.dataset, "degradation": item.degradation,
+           **({"auto": decided} if decided is not None else {}),
            **measure(restored, clean, resize, lpips),
            **{f"input_{k}": v for k, v in measure(degraded, clean, resize, lpips).items()}}
     return restored, row
 
 
-def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn, items: Sequence[data.ManifestItem],
+def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, items: Sequence[data.ManifestItem],
              options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
              images: Path | None = None, progress: Callable[[str], ProgressFn | None] | None = None,
-             rank: int = 0, world: int = 1) -> list[dict]:
+             rank: int = 0, world: int = 1, bank: estimator.Bank | None = None) -> list[dict]:
     """`evaluate_item` of every item, in order: the rows (every rank returns all of them; the items are shared
     out over the ranks). `images`: also write each restored image there as NAME.png. `progress(label)` makes
     the progress callback of one item from its label ("name (3/10)")."""
@@ -342,7 +386,7 @@ def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn, items: Sequenc
             continue
         label = f"{item_name(item)} ({number + 1}/{len(items)})"
         restored, rows[number] = evaluate_item(bb, velocity, item, options, resize, lpips,
-                                               progress(label) if progress is not None else None)
+                                               progress(label) if progress is not None else None, bank)
         if images is not None and not isinstance(item.degraded, list):
             media.write_image(images / f"{Path(rows[number]['name']).stem}.png", restored)
     rows = runtime.gather(rows, world)

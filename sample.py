@@ -5,6 +5,7 @@
     python sample.py --video clip.mp4 --wan Wan2.1-T2V-1.3B/ --prompt rain.safetensors -o clip_restored.mp4
     python sample.py --image x.png --flux FLUX.1-dev/ --prompt blur.safetensors --prompt lowlight.safetensors
     python sample.py --eval test.json --flux FLUX.1-dev/ --prompt blur.safetensors -o results/
+    python sample.py --image x.png --prompt auto               # blind: the bank's estimator weights the prompts
     torchrun --nproc_per_node 8 sample.py --eval test.json ...        # the items are shared out over the ranks
 
 A restoration encodes the degraded input, walks the bridge from T0 to t_min with the prompted model (bridge.py;
@@ -16,6 +17,7 @@ This file is the command line; the restoration itself is restore.py.
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -26,6 +28,7 @@ import torch
 import backbone as backbones
 import data
 import defaults
+import estimator
 import media
 import metrics
 import restore
@@ -53,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt", action="append", default=[], metavar="FILE",
                    help="learned prompt file (repeat to average several prompts' velocities); with a miniature "
                    "also the name of a shipped prompt (e.g. noise, blur, haze, lowlight). Default: none for "
-                   "official weights (the plain pre-trained model on the bridge), all shipped prompts for a miniature")
+                   "official weights (the plain pre-trained model on the bridge), all shipped prompts for a miniature. "
+                   "'auto': blind restoration, the prompt bank's estimator (estimator.py) chooses and weights the "
+                   "prompts from each input (a miniature's shipped bank, or --bank)")
+    g.add_argument("--bank", type=Path, metavar="FILE", help="the prompt bank of --prompt auto (estimator.py bank; "
+                   f"default for a miniature: its prompts/{estimator.BANK_NAME})")
     g.add_argument("--no-prompt", action="store_true", help="the plain pre-trained model on the bridge, no learned "
                    "prompt (the no-learning baseline; also with the miniature)")
     g.add_argument("--text", help="text-prompting baseline: condition on this text instead of the empty prompt "
@@ -100,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--backbone NAME and --preset exclude each other (the tiny presets are named tiny-flux, tiny-wan)")
     if args.no_prompt and args.prompt:
         p.error("--no-prompt and --prompt exclude each other")
+    if "auto" in args.prompt and args.prompt != ["auto"]:
+        p.error("--prompt auto chooses the prompts itself: give no other --prompt")
+    if args.bank is not None and args.prompt != ["auto"]:
+        p.error("--bank goes with --prompt auto")
+    if args.prompt == ["auto"] and args.text is not None:
+        p.error("--prompt auto and --text exclude each other")
     try:
         args.options = restore_options(args)
     except ValueError as err:
@@ -175,7 +188,26 @@ def side_by_side(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return torch.cat([before, after], dim=-1)
 
 
-def run_image(args, bb, velocity, rank: int, world: int) -> None:
+def bank_file(args: argparse.Namespace, spec: backbones.Spec, folder: Path | None) -> Path:
+    """The prompt bank of --prompt auto: --bank, else a miniature's shipped one; checked before any loading."""
+    path = args.bank
+    if path is None:
+        if spec.source != "miniature":
+            raise ValueError(f"--prompt auto with {spec.name} needs --bank FILE (a prompt bank: estimator.py bank)")
+        path = folder / "prompts" / estimator.BANK_NAME
+    if not path.is_file():
+        raise ValueError(f"{path}: no such prompt bank (build one with `python estimator.py bank`)")
+    return path
+
+
+def decide(bb, bank, degraded: torch.Tensor, label: str):
+    """--prompt auto on one input: its velocity, after printing what the estimator decided."""
+    velocity, decided = restore.blind_velocity(bb, bank, degraded)
+    print(f"{label}: auto: {estimator.describe_weights(decided)}", file=sys.stderr)
+    return velocity
+
+
+def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     paths = media.list_images(args.image) if args.image.is_dir() else [args.image]
     folder = args.image.is_dir()
     out_dir = args.output or Path("restored")
@@ -184,23 +216,30 @@ def run_image(args, bb, velocity, rank: int, world: int) -> None:
             continue
         image = media.read_image(path)
         progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
+        if bank is not None:
+            velocity = decide(bb, bank, image, path.name)
         restored = restore.restore_image(bb, velocity, image, args.options, progress)
         target = out_dir / f"{path.stem}.png" if folder else (args.output or Path(f"{path.stem}_restored.png"))
         media.write_image(target, side_by_side(image, restored) if args.side_by_side else restored)
         print(f"wrote {target}", file=sys.stderr)
 
 
-def run_video(args, bb, velocity, rank: int, world: int) -> None:
+def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     if args.video.is_file() and world == 1:  # a stream: memory bounded by one chunk, whatever the clip's length
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         info = streaming.probe(args.video)
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
+        if bank is not None:  # decided on the first chunk's frames
+            first = list(itertools.islice(streaming.iter_frames(args.video), length))
+            velocity = decide(bb, bank, torch.stack(first, dim=1), args.video.name)
         progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)")
         restore.restore_video_file(bb, velocity, args.video, target, args.options, progress, args.side_by_side)
         print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
         return
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
+    if bank is not None:
+        velocity = decide(bb, bank, video.frames, args.video.name)
     progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)", enabled=rank == 0)
     restored = restore.restore_video(bb, velocity, video.frames, args.options, progress, rank, world)
     if rank == 0:
@@ -211,14 +250,14 @@ def run_video(args, bb, velocity, rank: int, world: int) -> None:
         print(f"wrote {target} ({restored.shape[1]} frames at {video.fps} fps)", file=sys.stderr)
 
 
-def run_eval(args, bb, velocity, rank: int, world: int) -> None:
+def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     """Restore every item of a manifest or paired folder and measure it; rank 0 writes the results."""
     items = restore.evaluation_items(args.eval)
     out_dir = args.output or Path("results")
     lpips = metrics.load_lpips(args.lpips_weights, device=bb.device) if args.lpips_weights else None
     rows = restore.evaluate(bb, velocity, items, args.options, defaults.EVAL_RESIZE if args.resize_512 else None,
                             lpips, out_dir / "images" if args.save_images else None,
-                            lambda label: Progress(label, enabled=rank == 0), rank, world)
+                            lambda label: Progress(label, enabled=rank == 0), rank, world, bank)
     if rank == 0:
         summary = metrics.summarise(rows)
         keys = ("backbone", "flux", "wan", "preset", "prompt", "text", "steps", "t0", "t_min", "seed", "tile",
@@ -229,13 +268,19 @@ def run_eval(args, bb, velocity, rank: int, world: int) -> None:
         with runtime.atomic_file(out_dir / "results.md") as tmp:
             tmp.write_text(metrics.markdown_table(summary) + "\n")
         print(metrics.markdown_table(summary))
+        if bank is not None:
+            hits = estimator.decision_accuracy(rows, bank.names)
+            print("estimator accuracy (chosen prompts == the item's degradations): " +
+                  (", ".join(f"{name} {hit:.2f} ({count})" for name, (hit, count) in hits.items()) or
+                   "no item names one of the bank's degradations"))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         spec, folder = choose_backbone(args)
-        files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt)
+        auto = bank_file(args, spec, folder) if args.prompt == ["auto"] else None
+        files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt) if auto is None else []
         if args.text is not None:
             restore.check_text_prompting(spec)
         rank, world, device = runtime.setup_distributed()
@@ -244,13 +289,19 @@ def main(argv: list[str] | None = None) -> None:
         loaded = restore.load_prompts(files, bb)
         conditioning = restore.text_conditioning(bb, args.text, args.text_cache) if args.text is not None else None
         velocity = restore.velocity_for(bb, [prompt for prompt, _ in loaded], conditioning)
+        bank = restore.load_bank(auto, bb) if auto is not None else None
         if rank == 0:
             metas = [meta for _, meta in loaded]
-            print(f"restoring with {describe(bb, files, metas, args.text)}", file=sys.stderr)
+            how = describe(bb, files, metas, args.text)
+            if bank is not None:
+                how = how.replace("no prompt", f"--prompt auto over the bank {auto} ({', '.join(bank.names)})")
+                metas = [meta for _, meta in bank.prompts]
+                files = [Path(f"{auto.name}[{name}]") for name in bank.names]
+            print(f"restoring with {how}", file=sys.stderr)
             for warning in restore.t0_warnings(files, metas, args.t0):
                 print(f"sample.py: warning: {warning}", file=sys.stderr)
         run = run_image if args.image is not None else run_video if args.video is not None else run_eval
-        run(args, bb, velocity, rank, world)
+        run(args, bb, velocity, rank, world, bank)
     except (ValueError, FileNotFoundError, weights.CheckpointError) as err:
         sys.exit(f"sample.py: error: {err}")
     finally:
