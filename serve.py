@@ -19,7 +19,6 @@ capped at --max-storage-mb (the oldest finished jobs' files are evicted) and rem
 
 import argparse
 import collections
-import itertools
 import json
 import queue
 import secrets
@@ -228,7 +227,10 @@ class Jobs:
             return [job.public(queued.index(job.id) + 1 if job.id in queued else None) for job in self.jobs.values()]
 
     def status(self, job_id: str) -> dict:
-        return next((job for job in self.listing() if job["id"] == job_id), None) or _raise(404, "no such job")
+        for job in self.listing():
+            if job["id"] == job_id:
+                return job
+        raise RequestError(404, "no such job")
 
     def file(self, job_id: str, name: str) -> Path:
         with self.lock:
@@ -307,10 +309,6 @@ class Jobs:
                 job.error = ((job.error or "") + " (files evicted: the server's storage cap was reached)").strip()
 
 
-def _raise(status: int, message: str):
-    raise RequestError(status, message)
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -341,7 +339,6 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, jobs: Jobs, root: Path, max_upload: int, quiet: bool = False):
         super().__init__(address, Handler)
         self.jobs, self.root, self.max_upload, self.quiet = jobs, root, max_upload, quiet
-        self.counter = itertools.count()
 
     def handle_error(self, request, client_address) -> None:  # a broken connection: logged, the server goes on
         if not self.quiet:
@@ -353,6 +350,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "restore-serve"
     sys_version = ""
+    body_read = False  # whether the current request's body was read (or it has none)
 
     def log_message(self, format, *args) -> None:
         if not self.server.quiet:
@@ -383,6 +381,9 @@ class Handler(BaseHTTPRequestHandler):
         self.route("POST")
 
     def route(self, method: str) -> None:
+        """Answer one request; a body nothing reads (any but an accepted upload's) closes the connection after
+        the reply, so that its bytes are never taken for the next request."""
+        self.body_read = self.headers.get("Content-Length", "0") == "0" and "Transfer-Encoding" not in self.headers
         try:
             url = urllib.parse.urlsplit(self.path)
             parts = urllib.parse.unquote(url.path).split("/")[1:]
@@ -406,16 +407,15 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise RequestError(404, f"not found: {url.path[:200]}")
         except RequestError as err:
-            if err.status >= 400 and method == "POST" and not self.body_read:
-                self.close_connection = True  # the body was not read: the connection cannot be reused
+            self.close_connection |= not self.body_read
             self.reply(err.status, {"error": str(err)})
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as err:  # a bug answers 500 and the server goes on
             self.close_connection = True
             self.reply(500, {"error": f"internal error: {type(err).__name__}: {err}"})
-
-    body_read = False
+        finally:
+            self.close_connection |= not self.body_read
 
     def info(self) -> dict:
         jobs = self.server.jobs

@@ -212,6 +212,16 @@ def test_malformed_requests_never_stop_the_server(server):
             reply = sock.recv(65536)  # (an unparseable request line is answered HTTP/0.9 style: no status line)
             assert b'{"error": ' in reply, (raw, reply)
     assert request(server, "DELETE", "/api/jobs")[0] == 501
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    for _ in range(2):  # keep-alive: one connection, several requests
+        conn.request("GET", "/api/info")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Connection") != "close" and response.read()
+    smuggled = b"POST /api/jobs HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+    conn.request("POST", "/api/jobs/0123456789abcdef/cancel", body=smuggled)
+    response = conn.getresponse()  # an unread body is never taken for the next request: the connection closes
+    assert response.status == 404 and response.getheader("Connection") == "close"
+    conn.close()
     status, reply = request(server, "GET", "/api/info")
     assert status == 200 and json.loads(reply)["models"]["image"]["prompts"] == ["none", "prompt"]
     status, page = request(server, "GET", "/")
