@@ -19,6 +19,7 @@ import data
 import media
 import metrics
 import restore
+from model import tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWN = 8
@@ -135,14 +136,15 @@ def test_tiles_overlap_by_a_quarter_of_the_tile():
 
 
 def test_chunked_video_of_a_pointwise_model_equals_one_chunk():
-    """17 frames in 9-frame chunks overlapping by 4 (3 chunks, really blended) give what one covering chunk gives,
-    frame by frame, when the model acts pixel by pixel; a chunk placed at the wrong frames would not."""
-    video = data.toy_videos(1, 17, 16, 32, seed=4)[0]
+    """17 frames of 20x36 (padded to 32x48) in 9-frame chunks overlapping by 4 (3 chunks, really blended) give
+    what one covering chunk gives, frame by frame and pixel by pixel, when the model acts pixel by pixel on its
+    input; a chunk placed at the wrong frames or cropped at the wrong corner would not."""
+    video = data.toy_videos(1, 17, 20, 36, seed=4)[0]
     video = video * torch.linspace(0.3, 1, 17)[None, :, None, None]  # every frame different
     bb = PixelCode()
     of_input = toward(lambda x: pointwise(bb.encoded[-1].double()))  # the chunk being restored: its own input
     chunked = restore.restore_video(bb, of_input, video, options(chunk_frames=9, chunk_overlap=4))
-    assert [z.shape[2] for z in bb.encoded] == [9, 9, 9]
+    assert [tuple(z.shape[2:]) for z in bb.encoded] == [(9, 4, 6)] * 3
     bb = PixelCode()
     of_input = toward(lambda x: pointwise(bb.encoded[-1].double()))
     single = restore.restore_video(bb, of_input, video, options(chunk_frames=17))
@@ -150,6 +152,25 @@ def test_chunked_video_of_a_pointwise_model_equals_one_chunk():
     assert chunked.shape == video.shape
     assert (chunked - single).abs().max() <= 1e-5
     assert (single - video).abs().max() > 0.05
+
+
+def test_video_chunks_cross_fade_over_the_requested_overlap():
+    """Chunk i's restoration is offset by 0.1 i (in latent units, 0.05 i in pixels): the video must be the
+    pointwise restoration plus the chunks' offsets cross-faded over `chunk_overlap` = 4 frames."""
+    video = data.toy_videos(1, 17, 16, 16, seed=5)[0]
+    bb = PixelCode()
+    shifted = toward(lambda x: pointwise(bb.encoded[-1].double()) + 0.1 * (len(bb.encoded) - 1))
+    out = restore.restore_video(bb, shifted, video, options(chunk_frames=9, chunk_overlap=4))
+    bb = PixelCode()
+    plain = restore.restore_video(bb, toward(lambda x: pointwise(bb.encoded[-1].double())), video,
+                                  options(chunk_frames=17))
+    length, starts = restore.chunk_plan(17, 9, 4)
+    offsets = tiling.blend_chunks({i: torch.full((3, length, 16, 16), 0.05 * i) for i in range(len(starts))},
+                                  starts, length, 4)
+    assert (out - (plain + offsets)).abs().max() <= 1e-5
+    cut = tiling.blend_chunks({i: torch.full((3, length, 16, 16), 0.05 * i) for i in range(len(starts))},
+                              starts, length, 1)
+    assert (cut - offsets).abs().max() > 0.01  # a 1-frame fade would fail the check
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
