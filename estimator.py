@@ -9,7 +9,7 @@ weights collapse to that single prompt, so a blind restoration costs exactly as 
 named one.
 
     est = fit(photos, ["noise", "blur", "haze", "rain", "lowlight", "snow"])     # synthetic pairs, CPU, minutes
-    decided = prompt_weights(est.scores(degraded))         # {"haze": 0.86, "lowlight": 0.14}
+    decided = est.decide(degraded)                  # {"haze": 0.86, "lowlight": 0.14}: prompt_weights of its scores
     save_bank("bank.safetensors", prompt_files, est)
     bank = load_bank("bank.safetensors")            # strict: a foreign, mis-shaped or tampered file is refused
 
@@ -52,7 +52,7 @@ BANK_FORMAT = "ypt-prompt-bank/1"
 ESTIMATOR_FORMAT = "ypt-estimator/1"
 BANK_NAME = "bank.safetensors"  # a miniature's shipped bank, folder/prompts/bank.safetensors (`--prompt auto`)
 ORDER = ("haze", "snow", "rain", "motion-blur", "blur", "lowlight", "noise", "jpeg")  # physical order of a mixture
-PRESENT = 0.5  # a score at least this: the degradation is present
+PRESENT = 0.5  # a score at least this: the degradation is present (until `calibrate` chooses the estimator's own)
 MINOR = 0.15  # a present degradation whose share of the weight is below this is dropped
 
 
@@ -97,20 +97,25 @@ class Estimator(nn.Module):
 
     `names`: the degradations scored, in order (the bank's prompts). `size`: the overview's side; `detail`:
     the side of the native-resolution centre crop (smaller inputs are seen whole); `width`: channels of the
-    first convolution."""
+    first convolution; `threshold`: the score from which a degradation counts as present (`calibrate`)."""
 
-    def __init__(self, names: Sequence[str], size: int = 64, detail: int = 96, width: int = 16):
+    def __init__(self, names: Sequence[str], size: int = 64, detail: int = 96, width: int = 16,
+                 threshold: float = PRESENT):
         super().__init__()
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the estimator needs distinct degradation names, got {list(names)}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"the presence threshold must lie in (0, 1), got {threshold}")
         self.names, self.size, self.detail, self.width = list(names), size, detail, width
+        self.threshold = threshold
         self.overview = _branch(6, width)
         self.fine = _branch(9, width)
         self.head = nn.Sequential(nn.Linear(8 * width, 2 * width), nn.ReLU(), nn.Linear(2 * width, len(names)))
 
     @property
     def config(self) -> dict:
-        return {"names": self.names, "size": self.size, "detail": self.detail, "width": self.width}
+        return {"names": self.names, "size": self.size, "detail": self.detail, "width": self.width,
+                "threshold": self.threshold}
 
     def views(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image [3, H, W] in [0, 1] -> (overview [3, size, size], detail [3, d, d] with d <= detail)."""
@@ -146,12 +151,16 @@ class Estimator(nn.Module):
         mean = torch.stack(probs).mean(dim=0).cpu()
         return {name: float(p) for name, p in zip(self.names, mean)}
 
+    def decide(self, degraded: Tensor) -> dict[str, float]:
+        """degraded [3, H, W] or [3, F, H, W] -> prompt weights {degradation: weight} (`prompt_weights`)."""
+        return prompt_weights(self.scores(degraded), self.threshold)
 
-def prompt_weights(scores: dict[str, float]) -> dict[str, float]:
-    """Scores -> prompt weights summing to 1: the present degradations (score >= PRESENT) in proportion to their
-    scores, dropping those with a share below MINOR; none present: the single best-scoring one. A single
+
+def prompt_weights(scores: dict[str, float], threshold: float = PRESENT) -> dict[str, float]:
+    """Scores -> prompt weights summing to 1: the present degradations (score >= `threshold`) in proportion to
+    their scores, dropping those with a share below MINOR; none present: the single best-scoring one. A single
     prompt (weight 1) whenever one clearly dominates, so the restoration costs what a named one does."""
-    present = {n: s for n, s in scores.items() if s >= PRESENT}
+    present = {n: s for n, s in scores.items() if s >= threshold}
     if not present:
         best = max(scores, key=scores.get)
         return {best: 1.0}
@@ -233,7 +242,33 @@ def fit(cleans: Sequence[Tensor], names: Sequence[str], count: int = 2400, epoch
             total += loss.item() * len(index)
         if log is not None:
             log(f"epoch {epoch + 1}/{epochs}: loss {total / count:.4f}")
+    exact = calibrate(estimator, cleans, max(100, count // 5), crop, seed + 1)
+    if log is not None:
+        log(f"presence threshold {estimator.threshold}: {exact:.2f} of fresh examples decided exactly")
     return estimator.eval()
+
+
+@torch.no_grad()
+def calibrate(estimator: Estimator, cleans: Sequence[Tensor], count: int = 600, crop: int = 256,
+              seed: int = 1) -> float:
+    """Choose and set the estimator's presence threshold (0.2, 0.25, ..., 0.6): the one whose decisions
+    (`prompt_weights`) match the true label set most often on `count` fresh synthetic examples from `cleans`
+    (clean, single and paired, another seed than training's). Returns that exact-set accuracy."""
+    overviews, details, labels = make_examples(estimator, cleans, count, crop, seed)
+    probs = torch.cat([torch.sigmoid(estimator.eval()(overviews[i:i + 100].float() / 255,
+                                                      details[i:i + 100].float() / 255)) for i in range(0, count, 100)])
+    truths = [{n for n, y in zip(estimator.names, row) if y > 0} for row in labels]
+
+    def hits(threshold: float) -> float:
+        right = 0
+        for row, truth in zip(probs, truths):
+            scores = dict(zip(estimator.names, row.tolist()))
+            right += (set(prompt_weights(scores, threshold)) == truth) if truth else max(scores.values()) < threshold
+        return right / count
+
+    best = max((hits(t / 100), -abs(t - 50), t / 100) for t in range(20, 61, 5))
+    estimator.threshold = best[2]
+    return best[0]
 
 
 def accuracy(estimator: Estimator, examples: Sequence[tuple[Tensor, Sequence[str]]]) -> dict[str, float]:
@@ -241,7 +276,7 @@ def accuracy(estimator: Estimator, examples: Sequence[tuple[Tensor, Sequence[str
     "haze+lowlight", "clean"): examples [(degraded [3, H, W], true names)]."""
     hits: dict[str, list[bool]] = {}
     for degraded, truth in examples:
-        decided = set(prompt_weights(estimator.scores(degraded)))
+        decided = set(estimator.decide(degraded))
         key = "+".join(sorted(truth, key=ORDER.index)) or "clean"
         hits.setdefault(key, []).append(decided == set(truth) if truth else True)
     return {key: sum(h) / len(h) for key, h in hits.items()}
@@ -292,7 +327,8 @@ def _read(path: Path, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str,
 
 def _estimator_from(path: Path, state: dict[str, Tensor], config: dict) -> Estimator:
     try:
-        estimator = Estimator(config["names"], int(config["size"]), int(config["detail"]), int(config["width"]))
+        estimator = Estimator(config["names"], int(config["size"]), int(config["detail"]), int(config["width"]),
+                              float(config["threshold"]))
         weights.load_into(estimator, state)
     except (KeyError, TypeError, ValueError, weights.CheckpointError) as err:
         raise ValueError(f"{path}: the estimator does not fit its config {config}: {err}") from None

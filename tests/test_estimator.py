@@ -76,7 +76,7 @@ def test_training_moves_accuracy_well_above_chance(fitted):
     mean = lambda acc: sum(acc.values()) / len(acc)
     assert mean(after) >= 0.7 and mean(after) >= mean(before) + 0.3, (before, after)  # chance: 1/3
     clean = data.toy_images(4, 64, 64, seed=98)
-    assert sum(max(fitted.scores(c).values()) < estimator.PRESENT for c in clean) >= 3  # clean: nothing present
+    assert sum(max(fitted.scores(c).values()) < fitted.threshold for c in clean) >= 3  # clean: nothing present
 
 
 def test_prompt_weights_collapse_and_mix():
@@ -100,7 +100,7 @@ def test_bank_round_trip(tmp_path, fitted):
         for key, value in original.state_dict().items():
             assert torch.equal(prompt.state_dict()[key], value)
     image = data.toy_images(1, 48, 40, seed=5)[0]
-    assert bank.estimator.scores(image) == fitted.scores(image)
+    assert bank.estimator.scores(image) == fitted.scores(image) and bank.estimator.threshold == fitted.threshold
 
 
 def rewrite(path, target, change):
@@ -190,7 +190,7 @@ def test_prompt_auto_end_to_end_on_the_tiny_preset(tmp_path, fitted):
     common = ["--preset", "tiny", "--prompt", "auto", "--bank", str(tmp_path / "bank.safetensors"), "--steps", "2"]
     err = sample_py("--image", tmp_path / "hazy.png", *common, "-o", tmp_path / "out.png").stderr
     hazy = media.read_image(tmp_path / "hazy.png")  # as written (8 bits)
-    decided = estimator.prompt_weights(fitted.scores(hazy))
+    decided = fitted.decide(hazy)
     assert f"hazy.png: auto: {estimator.describe_weights(decided)}" in err and "--prompt auto over the bank" in err
     bank = restore.load_bank(tmp_path / "bank.safetensors", bb)
     velocity, again = restore.blind_velocity(bb, bank, hazy)

@@ -1,0 +1,178 @@
+"""`--prompt auto` on the image miniature: blind restoration against the named prompts, uniform averaging and the
+all-in-one prompt, on held-out crops with single degradations and with pairs (issue 15).
+
+    python -m mini.blind accuracy --eval ../shared/data/eval --estimator est.safetensors      # seconds, no model
+    python -m mini.blind restore --eval ../shared/data/eval --bank mini/prompts/bank.safetensors --count 2
+
+Inputs: the 256 px centre crops of Kodak24 and the committed mini/heldout/ crops (never trained on), each
+degraded by `estimator.degrade` with one degradation or two (applied in physical order), seeds
+defaults.mix_seed(5000 + case, image), quantised to 8 bits. `accuracy`: the estimator's exact-set decision
+accuracy on every crop, for every single degradation, every pair and the clean crop. `restore`: per case and
+image the restorations (PSNR, 20 steps, T0 0.4, seed 0) with
+  named    the correct prompt (a pair: each of its two prompts alone, and both averaged, the paper's recipe)
+  auto     the bank's estimator's prompts and weights (when it decides the single correct prompt, the named
+           restoration is reused: the computation is the same)
+  uniform  all the bank's prompts averaged (the default before issue 15)
+  all      the all-in-one prompt, trained on the mixture of every degradation (mini/prompts/all.safetensors)
+Cases are visited image-major (every case's first image, then every case's second, ...), and the results are
+rewritten after each, so a run stopped early still covers every case. Writes mini/runs/blind/records.json and
+the markdown table (`--table`).
+"""
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import backbone
+import defaults
+import estimator
+import restore
+import runtime
+from mini import images
+
+MINI = Path(__file__).parent
+SINGLES = ["noise", "blur", "haze", "rain", "lowlight", "snow"]
+PAIRS = [("haze", "lowlight"), ("rain", "noise"), ("blur", "noise"), ("snow", "lowlight")]
+
+
+def crops(eval_folder: Path, count: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Held-out clean crops: the mini/heldout/ four first, then Kodak24's centre crops ([3, 256, 256] each)."""
+    out = list(images.heldout_crops().items()) + list(images.eval_crops(eval_folder, ("kodak24",)).items())
+    return out if count is None else out[:count]
+
+
+def degraded_input(clean: torch.Tensor, names: tuple[str, ...], case: int, image: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(defaults.mix_seed(5000 + case, image))
+    return estimator.degrade(clean, list(names), generator).mul(255).round().div(255)
+
+
+def cases() -> list[tuple[str, ...]]:
+    return [(d,) for d in SINGLES] + PAIRS
+
+
+def accuracy_table(est: estimator.Estimator, eval_folder: Path) -> str:
+    """Markdown: the decision accuracy per label set over every held-out crop."""
+    pool = crops(eval_folder)
+    label_sets = [()] + [(d,) for d in SINGLES] + list(itertools.combinations(SINGLES, 2))
+    lines = ["| input | crops | decided exactly | mean weight on the true prompts |", "|---|---|---|---|"]
+    start, count = time.time(), 0
+    for case, names in enumerate(label_sets):
+        hits, mass = [], []
+        for i, (_, clean) in enumerate(pool):
+            x = degraded_input(clean, names, 100 + case, i) if names else clean
+            decided = est.decide(x)
+            count += 1
+            hits.append(set(decided) == set(names) if names else max(est.scores(x).values()) < est.threshold)
+            mass.append(sum(w for n, w in decided.items() if n in names) if names else float("nan"))
+        label = "+".join(names) or "clean (nothing scored present)"
+        weight = f"{sum(mass) / len(mass):.2f}" if names else "-"
+        lines.append(f"| {label} | {len(pool)} | {sum(hits) / len(hits):.2f} | {weight} |")
+    ms = (time.time() - start) / count * 1000
+    return "\n".join(lines) + f"\n\n{count} decisions, {ms:.1f} ms each including the degradation (one CPU thread)\n"
+
+
+def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, out: Path) -> list[dict]:
+    bb = backbone.load_miniature(MINI)
+    bank = restore.load_bank(bank_path, bb)
+    named = {n: p for n, (p, _) in zip(bank.names, bank.prompts)}
+    options = restore.RestoreOptions(steps=steps)
+    all_path = MINI / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"
+    rows = {"uniform": restore.velocity_for(bb, list(named.values()))}
+    if all_path.exists():
+        rows["all"] = restore.velocity_for(bb, [restore.load_prompts([all_path], bb)[0][0]])
+    pool = crops(eval_folder, count)
+    records = []
+    for i, (name, clean) in enumerate(pool):
+        for case, names in enumerate(cases()):
+            x = degraded_input(clean, names, case, i)
+            record = {"case": "+".join(names), "image": name, "input": restore.measure(x, clean)["psnr"]}
+            timer = time.time()
+            velocity, decided = restore.blind_velocity(bb, bank, x)
+            record["estimate_ms"] = (time.time() - timer) * 1000
+            record["decided"] = decided
+            results = {}
+            for n in names:
+                results[f"named {n}"] = restore.restore_image(bb, restore.velocity_for(bb, [named[n]]), x, options)
+            if len(names) > 1:
+                both = restore.velocity_for(bb, [named[n] for n in names])
+                results["named both"] = restore.restore_image(bb, both, x, options)
+            timer = time.time()
+            if len(decided) == 1 and f"named {next(iter(decided))}" in results:
+                results["auto"] = results[f"named {next(iter(decided))}"]
+                record["auto_s"] = 0.0
+            else:
+                results["auto"] = restore.restore_image(bb, velocity, x, options)
+                record["auto_s"] = time.time() - timer
+            for row, v in rows.items():
+                timer = time.time()
+                results[row] = restore.restore_image(bb, v, x, options)
+                record[f"{row}_s"] = time.time() - timer
+            record.update({k: restore.measure(r, clean)["psnr"] for k, r in results.items()})
+            records.append(record)
+            with runtime.atomic_file(out) as tmp:
+                tmp.write_text(json.dumps(records, indent=1))
+            print(f"{record['case']} {name}: auto {estimator.describe_weights(decided)}; " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in record.items() if isinstance(v, float) and not
+                            k.endswith(("_s", "_ms"))), flush=True)
+    return records
+
+
+def restore_table(records: list[dict]) -> str:
+    """Markdown: mean PSNR per case of input, auto, named (single / each of a pair / both), uniform, all-in-one."""
+    lines = ["| input | images | degraded | auto | named (correct) | named, each alone | uniform (6) | all-in-one "
+             "| auto decided exactly |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if key in r]
+        return f"{sum(values) / len(values):.2f}" if values else "-"
+
+    groups = {}
+    for r in records:
+        groups.setdefault(r["case"], []).append(r)
+    singles, pairs = [], []
+    for case, rows in groups.items():
+        names = case.split("+")
+        exact = sum(set(r["decided"]) == set(names) for r in rows) / len(rows)
+        correct = f"named {names[0]}" if len(names) == 1 else "named both"
+        each = " / ".join(mean(rows, f"named {n}") for n in names) if len(names) > 1 else "="
+        lines.append(f"| {case} | {len(rows)} | {mean(rows, 'input')} | {mean(rows, 'auto')} | {mean(rows, correct)} "
+                     f"| {each} | {mean(rows, 'uniform')} | {mean(rows, 'all')} | {exact:.2f} |")
+        (singles if len(names) == 1 else pairs).extend(rows)
+    for label, rows in (("singles, mean", singles), ("pairs, mean", pairs)):
+        if rows:
+            key = "named both" if label.startswith("pairs") else None
+            named = [r.get(key) if key else r[f"named {r['case']}"] for r in rows]
+            named_mean = f"{sum(named) / len(named):.2f}"
+            lines.append(f"| **{label}** | {len(rows)} | {mean(rows, 'input')} | {mean(rows, 'auto')} | {named_mean} "
+                         f"| | {mean(rows, 'uniform')} | {mean(rows, 'all')} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["accuracy", "restore", "table"])
+    p.add_argument("--eval", type=Path, default=MINI.parent.parent / "shared" / "data" / "eval")
+    p.add_argument("--estimator", type=Path, help="accuracy: an estimator file (or take the bank's)")
+    p.add_argument("--bank", type=Path, default=MINI / "prompts" / estimator.BANK_NAME)
+    p.add_argument("--count", type=int, default=2, help="restore: images per case (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=defaults.STEPS)
+    p.add_argument("--records", type=Path, default=MINI / "runs" / "blind" / "records.json")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.command == "accuracy":
+        est = estimator.load_estimator(args.estimator) if args.estimator else estimator.load_bank(args.bank).estimator
+        print(accuracy_table(est, args.eval))
+    elif args.command == "restore":
+        restore_records(args.bank, args.eval, args.count, args.steps, args.records)
+        print(restore_table(json.loads(args.records.read_text())))
+    else:
+        print(restore_table(json.loads(args.records.read_text())))
+
+
+if __name__ == "__main__":
+    main()
