@@ -16,10 +16,12 @@ Sections: degradations (`DEGRADATIONS`), datasets (`PairedFolders`, `Manifest`, 
     clean, degraded = pairs.pair(0, torch.Generator().manual_seed(0))  # two [3, 512, 512] crops
 """
 
+import argparse
 import io
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 import defaults
+import manifests
 import media
 from media import describe, hw_text
 
@@ -373,12 +376,16 @@ class Manifest:
     """The paper authors' JSON manifests: a list of {"image_path", "target_path", "degradation", "dataset"}.
 
     `image_path` is the degraded input, `target_path` the clean target; for video both are lists of frame image
-    paths of equal length (`pair` then needs `frames`, 4k+1, the clip length to cut). Relative paths resolve against the manifest's folder.
-    `items[i].degradation` and `items[i].dataset` name each pair (evaluation groups by dataset).
+    paths of equal length (`pair` then needs `frames`, 4k+1, the clip length to cut). Relative paths resolve against the manifest's folder,
+    or against `relative_to` when given (the authors' own manifests are relative to their working directory).
+    `items[i].degradation` and `items[i].dataset` name each pair (evaluation groups by dataset); with
+    `lenient` a missing `degradation` (four of the authors' manifests) reads as "unknown".
     """
 
-    def __init__(self, path: str | os.PathLike, size: int | tuple[int, int] | None, frames: int | None = None):
+    def __init__(self, path: str | os.PathLike, size: int | tuple[int, int] | None, frames: int | None = None,
+                 relative_to: str | os.PathLike | None = None, lenient: bool = False):
         path = Path(path)
+        self.relative_to, self.lenient = relative_to, lenient
         self.size, self.frames = _check_size(size), _check_frames(frames)
         try:
             entries = json.loads(path.read_text())
@@ -390,9 +397,11 @@ class Manifest:
 
     def _item(self, entry: object, i: int, path: Path) -> ManifestItem:
         keys = ("image_path", "target_path", "degradation", "dataset")
-        if not isinstance(entry, dict) or any(key not in entry for key in keys):
-            raise ValueError(f"{path}: entry {i} must be an object with keys {list(keys)}, got {entry!r:.200}")
-        folder = path.parent
+        required = [key for key in keys if not (self.lenient and key == "degradation")]
+        if not isinstance(entry, dict) or any(key not in entry for key in required):
+            raise ValueError(f"{path}: entry {i} must be an object with keys {required}, got {entry!r:.200}")
+        entry = {"degradation": "unknown", **entry}
+        folder = path.parent if self.relative_to is None else Path(self.relative_to)
         if all(isinstance(entry[key], str) for key in keys[:2]):
             degraded, clean = folder / entry["image_path"], folder / entry["target_path"]
         elif all(isinstance(entry[key], list) and entry[key] for key in keys[:2]):
@@ -521,3 +530,34 @@ def toy_dataset(video: bool, degradation: str | Sequence[str], size: tuple[int, 
     chosen = degradation if names and all(name in DEGRADATIONS for name in names) else "noise"
     sources = toy_videos(4, 2 * frames, 64, 64, seed=seed) if video else toy_images(8, 64, 64, seed=seed)
     return Synthetic(sources, chosen, size, frames)
+
+
+# ========================================================================================== command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python data.py manifest --layout NAME DIR -o test.json`: a test manifest from a dataset's layout."""
+    parser = argparse.ArgumentParser(description="Datasets: write a test manifest from a dataset's on-disk layout.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("manifest", help="a JSON manifest from a known layout (manifests.py lists them)",
+                               description=manifests.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    make.add_argument("--layout", required=True, choices=list(manifests.LAYOUTS))
+    make.add_argument("root", type=Path, help="the dataset's folder")
+    make.add_argument("-o", "--output", type=Path, required=True, help="the manifest to write (never overwritten)")
+    make.add_argument("--degradation", help="the entries' degradation (default: the layout's; pair: required)")
+    make.add_argument("--sigma", type=float, help="noise layouts: Gaussian noise std in 8-bit levels, e.g. 25")
+    make.add_argument("--seed", type=int, default=0, help="noise layouts: seed of image i's noise is SEED + i")
+    args = parser.parse_args(argv)
+    try:
+        if args.output.exists():
+            raise ValueError(f"{args.output} exists; choose another output file")
+        entries = manifests.build(args.layout, args.root, args.output, args.degradation, args.sigma, args.seed)
+        manifests.write(entries, args.output)
+    except ValueError as err:
+        sys.exit(f"data.py: error: {err}")
+    datasets = sorted({entry["dataset"] for entry in entries})
+    print(f"wrote {args.output}: {len(entries)} pairs ({', '.join(datasets)})")
+
+
+if __name__ == "__main__":
+    main()
