@@ -22,7 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from runtime import atomic_file
@@ -83,7 +83,9 @@ def read_image(path: str | os.PathLike) -> Tensor:
     Only RGB pixels are accepted, nothing is converted behind your back: grayscale, alpha (RGBA, LA, or a
     palette with a transparent colour), CMYK and animated images raise ValueError. A palette ("P") image
     without transparency IS accepted: its palette entries are RGB colours, so the lookup is exact. EXIF
-    orientation tags are ignored (pixels are returned as stored). Unreadable or corrupt files raise ValueError.
+    orientation tags are applied (a phone photo comes upright, as a viewer shows it). An RGBA image whose alpha
+    is 255 everywhere (opaque) is read as its RGB; 16-bit RGB is read at 8 bits as Pillow decodes it, like any
+    other RGB file. Unreadable or corrupt files raise ValueError.
     """
     path = Path(path)
     try:
@@ -91,6 +93,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
             if getattr(image, "n_frames", 1) > 1:
                 raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
             mode = image.mode
+            if mode == "RGBA" and image.getchannel("A").getextrema() == (255, 255):
+                image, mode = image.convert("RGB"), "RGB"  # opaque: the alpha channel says nothing
             if mode == "P" and "transparency" in image.info:
                 raise ValueError(f"{path}: a palette image with a transparent colour; convert it to RGB first")
             if mode in _REFUSED_MODES:
@@ -98,7 +102,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
             if mode not in ("RGB", "P"):
                 raise ValueError(f"{path}: unsupported image mode {mode!r}; convert it to RGB first")
             image.load()
-            pixels = np.asarray(image.convert("RGB") if mode == "P" else image)
+            image = ImageOps.exif_transpose(image.convert("RGB") if mode == "P" else image)
+            pixels = np.asarray(image)
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: cannot read this image file ({err})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)

@@ -21,6 +21,7 @@ errors are exceptions (ValueError for a bad input or request).
 """
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,6 +325,21 @@ def evaluation_items(path: Path) -> list[data.ManifestItem]:
             data.PairedFolders(path, None).pairs]
 
 
+def distinct_stems(paths: Sequence[Path], groups: Sequence[str] | None = None) -> list[str]:
+    """Output names (without suffix) for `paths`, one each and all different: a path's stem where no other path
+    shares it; else prefixed by its group (e.g. the dataset), then suffixed by its own suffix ("x.png", "x.jpg"
+    -> "x_png", "x_jpg"), then by its position."""
+    groups = list(groups) if groups is not None else [""] * len(paths)
+    names = [Path(path).stem for path in paths]
+    widen = (lambda i, name: f"{groups[i]}_{name}" if groups[i] else name,
+             lambda i, name: f"{name}_{Path(paths[i]).suffix.lstrip('.')}" if Path(paths[i]).suffix else name,
+             lambda i, name: f"{name}_{i}")
+    for rule in widen:
+        counts = Counter(names)
+        names = [rule(i, name) if counts[name] > 1 else name for i, name in enumerate(names)]
+    return names
+
+
 def item_name(item: data.ManifestItem) -> str:
     """An item's name in the results: its degraded file's name (a video's: its frames' folder)."""
     return item.degraded[0].parent.name if isinstance(item.degraded, list) else item.degraded.name
@@ -381,13 +397,22 @@ def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, items: 
     out over the ranks). `images`: also write each restored image there as NAME.png. `progress(label)` makes
     the progress callback of one item from its label ("name (3/10)")."""
     rows = {}
+    stems = distinct_stems([item.degraded[0].parent if isinstance(item.degraded, list) else item.degraded
+                            for item in items], [item.dataset for item in items])
     for number, item in enumerate(items):
         if number % world != rank:
             continue
         label = f"{item_name(item)} ({number + 1}/{len(items)})"
-        restored, rows[number] = evaluate_item(bb, velocity, item, options, resize, lpips,
-                                               progress(label) if progress is not None else None, bank)
+        try:
+            restored, rows[number] = evaluate_item(bb, velocity, item, options, resize, lpips,
+                                                   progress(label) if progress is not None else None, bank)
+        except ValueError as err:  # one unreadable or mismatched item: recorded, the others still measured
+            reason = str(err) if str(item.degraded) in str(err) or str(item.clean) in str(err) else f"{label}: {err}"
+            rows[number] = {"name": item_name(item), "dataset": item.dataset, "degradation": item.degradation,
+                            "error": reason}
+            continue
         if images is not None and not isinstance(item.degraded, list):
-            media.write_image(images / f"{Path(rows[number]['name']).stem}.png", restored)
+            rows[number]["image"] = f"{stems[number]}.png"
+            media.write_image(images / rows[number]["image"], restored)
     rows = runtime.gather(rows, world)
     return [rows[i] for i in sorted(rows)]

@@ -8,7 +8,9 @@ files written whole.
 """
 
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +80,37 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; the result gets what open() would have given it
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def file_mode(path: Path) -> int:
+    """The mode a file written to `path` keeps: an existing file's own, else 0666 less the process's umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+# atomic_file's temporary names: ".{stem}.{8 random characters of mkstemp}.tmp{suffix}"
+TEMP_NAME = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def clean_stale_temp(folder: str | os.PathLike, older_than: float = 3600.0) -> list[Path]:
+    """Remove what an interrupted `atomic_file` left in `folder` (only names of its own pattern, unchanged for
+    `older_than` seconds, so a writer still at work beside us keeps its file). Returns the removed paths."""
+    folder, now, removed = Path(folder), time.time(), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        try:
+            if TEMP_NAME.match(entry.name) and entry.is_file() and now - entry.stat().st_mtime > older_than:
+                entry.unlink()
+                removed.append(entry)
+        except OSError:  # gone already, or not ours to remove
+            continue
+    return removed

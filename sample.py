@@ -19,6 +19,7 @@ This file is the command line; the restoration itself is restore.py.
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,48 @@ def restore_options(args: argparse.Namespace) -> restore.RestoreOptions:
                                   chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap)
 
 
+IMAGE_OUTPUTS = (".png", ".jpg", ".jpeg")  # what media.write_image writes
+VIDEO_OUTPUTS = (".mp4",)  # what media.write_video / streaming write
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Inputs exist, outputs can be written and never replace an input: checked before any model loads.
+    Raises ValueError naming the path."""
+    source = args.image if args.image is not None else args.video if args.video is not None else args.eval
+    if not source.exists():
+        raise ValueError(f"{source}: no such file or folder")
+    folder_out = args.eval is not None or (args.image is not None and args.image.is_dir())
+    if args.output is None:
+        return
+    out = args.output
+    if folder_out:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"-o {out}: an existing file, where a folder of results is written")
+        if args.image is not None and out.resolve() == args.image.resolve():
+            raise ValueError(f"-o {out} is the input folder: its images would be replaced; choose another folder")
+        writable_folder(out)
+        return
+    if out.is_dir():
+        raise ValueError(f"-o {out}: an existing folder, where a file is written (give a file name)")
+    allowed = IMAGE_OUTPUTS if args.image is not None else VIDEO_OUTPUTS
+    if out.suffix.lower() not in allowed:
+        raise ValueError(f"-o {out}: writes {', '.join(allowed)}, not {out.suffix or 'a name without suffix'!r}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"-o {out} is the input: it would be replaced; choose another name")
+    writable_folder(out.parent)
+
+
+def writable_folder(folder: Path) -> None:
+    """`folder` exists and can be written, or can be made (its nearest existing ancestor is a writable folder)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{folder}: cannot be made, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing}: not writable (permission denied)")
+
+
 def choose_backbone(args: argparse.Namespace) -> tuple[backbones.Spec, Path | None]:
     """(spec, folder) from --backbone/--flux/--wan/--preset and the input (videos and video manifests: Wan)."""
     folder = args.flux or args.wan
@@ -211,17 +254,35 @@ def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     paths = media.list_images(args.image) if args.image.is_dir() else [args.image]
     folder = args.image.is_dir()
     out_dir = args.output or Path("restored")
-    for number, path in enumerate(paths):
+    if folder:
+        runtime.clean_stale_temp(out_dir)
+    stems = restore.distinct_stems(paths)  # x.png and x.jpg -> x_png.png, x_jpg.png: no output lost to a clash
+    failed = []
+    for number, (path, stem) in enumerate(zip(paths, stems)):
         if number % world != rank:
             continue
-        image = media.read_image(path)
-        progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
-        if bank is not None:
-            velocity = decide(bb, bank, image, path.name)
-        restored = restore.restore_image(bb, velocity, image, args.options, progress)
-        target = out_dir / f"{path.stem}.png" if folder else (args.output or Path(f"{path.stem}_restored.png"))
-        media.write_image(target, side_by_side(image, restored) if args.side_by_side else restored)
+        try:
+            image = media.read_image(path)
+            progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
+            if bank is not None:
+                velocity = decide(bb, bank, image, path.name)
+            restored = restore.restore_image(bb, velocity, image, args.options, progress)
+            target = out_dir / f"{stem}.png" if folder else (args.output or Path(f"{path.stem}_restored.png"))
+            media.write_image(target, side_by_side(image, restored) if args.side_by_side else restored)
+        except ValueError as err:
+            if not folder:
+                raise
+            reason = str(err) if str(path) in str(err) else f"{path}: {err}"
+            print(f"sample.py: error: {reason}", file=sys.stderr)
+            failed.append(path)
+            continue
         print(f"wrote {target}", file=sys.stderr)
+    if folder:
+        mine = len(range(rank, len(paths), world))
+        print(f"restored {mine - len(failed)} of {mine} images into {out_dir}" +
+              (f"; failed: {', '.join(p.name for p in failed)}" if failed else ""), file=sys.stderr)
+        if failed:
+            raise SystemExit(1)
 
 
 def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
@@ -258,8 +319,9 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     rows = restore.evaluate(bb, velocity, items, args.options, defaults.EVAL_RESIZE if args.resize_512 else None,
                             lpips, out_dir / "images" if args.save_images else None,
                             lambda label: Progress(label, enabled=rank == 0), rank, world, bank)
+    failed = [row for row in rows if "error" in row]
     if rank == 0:
-        summary = metrics.summarise(rows)
+        summary = metrics.summarise([row for row in rows if "error" not in row])
         keys = ("backbone", "flux", "wan", "preset", "prompt", "text", "steps", "t0", "t_min", "seed", "tile",
                 "resize_512")
         settings = runtime.record({k: v for k, v in vars(args).items() if k in keys})
@@ -268,16 +330,24 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         with runtime.atomic_file(out_dir / "results.md") as tmp:
             tmp.write_text(metrics.markdown_table(summary) + "\n")
         print(metrics.markdown_table(summary))
+        for row in failed:
+            print(f"sample.py: error: {row['error']}", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} of {len(rows)} items failed (recorded in {out_dir / 'results.json'})",
+                  file=sys.stderr)
         if bank is not None:
             hits = estimator.decision_accuracy(rows, bank.names)
             print("estimator accuracy (chosen prompts == the item's degradations): " +
                   (", ".join(f"{name} {hit:.2f} ({count})" for name, (hit, count) in hits.items()) or
                    "no item names one of the bank's degradations"))
+    if failed:
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        check_paths(args)
         spec, folder = choose_backbone(args)
         auto = bank_file(args, spec, folder) if args.prompt == ["auto"] else None
         files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt) if auto is None else []

@@ -60,6 +60,8 @@ def make_refused(tmp_path: Path, kind: str) -> Path:
         Image.fromarray(rgb).save(path, save_all=True, append_images=[Image.fromarray(rgb + 50)])
     elif kind == "I;16":  # a 16-bit grayscale PNG
         Image.fromarray(np.zeros((8, 8), np.uint16)).save(path)
+    elif kind == "RGBA":  # a translucent alpha (an opaque one is read as its RGB)
+        Image.fromarray(np.dstack([rgb, np.full((8, 8), 128, np.uint8)]), "RGBA").save(path)
     elif kind in ("I", "F"):  # 32-bit grayscale: TIFF holds these
         path = tmp_path / f"{kind}.tif"
         Image.fromarray(rgb).convert(kind).save(path)

@@ -1,0 +1,220 @@
+"""Issue 16, safe at the edges: files keep the umask, user errors are one line before any model loads, inputs
+and results are never overwritten, folder runs and evaluations survive a bad file, EXIF orientation, resume
+refusals, training data checked first, stale temp files, SIGTERM, and the small ones. Tiny preset, seconds each."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import media
+import restore
+import runtime
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def picture(path: Path, h: int = 32, w: int = 32, seed: int = 0) -> Path:
+    media.write_image(path, data.toy_images(1, h, w, seed=seed)[0])
+    return path
+
+
+def run_sample(capsys, *argv) -> tuple[int, str]:
+    """sample.main in this process: (exit status, stderr)."""
+    try:
+        sample.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model load fails the test: what is checked must be checked before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(sample.backbones, "load", refuse)
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ (1) umask
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_file_keeps_the_umask_and_an_existing_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with runtime.atomic_file(tmp_path / "a.json") as tmp:
+            tmp.write_text("{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+        (tmp_path / "b.png").write_bytes(b"")
+        os.chmod(tmp_path / "b.png", 0o640)
+        picture(tmp_path / "b.png")  # overwriting keeps the file's own mode
+        assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_sample_output_is_readable_by_the_group_under_umask_022(tmp_path, capsys):
+    src = picture(tmp_path / "in.png")
+    old = os.umask(0o022)
+    try:
+        code, err = run_sample(capsys, "--preset", "tiny", "--image", src, "--steps", 1, "-o", tmp_path / "o.png")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "o.png").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------ (6) checks before the model
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tif", "writes .png"), ("folder", "an existing folder"), ("missing", "no such file"),
+    ("steps", "steps >= 1"), ("t0", "T0"), ("under-a-file", "is a file"), ("folder-out-is-file", "an existing file"),
+])
+def test_sample_user_errors_are_one_line_before_any_model_loads(tmp_path, capsys, no_model, case, message):
+    src = picture(tmp_path / "in.png")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "plain.txt").write_text("x")
+    argv = {"tif": ["--image", src, "-o", tmp_path / "out.tif"],
+            "folder": ["--image", src, "-o", tmp_path / "dir"],
+            "missing": ["--image", tmp_path / "nope.png"],
+            "steps": ["--image", src, "--steps", 0],
+            "t0": ["--image", src, "--t0", 1.5],
+            "under-a-file": ["--image", src, "-o", tmp_path / "plain.txt" / "o.png"],
+            "folder-out-is-file": ["--image", tmp_path / "dir", "-o", tmp_path / "plain.txt"]}[case]
+    code, err = run_sample(capsys, "--preset", "tiny", *argv)
+    assert code != 0
+    assert message in one_error_line(err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_sample_refuses_an_unwritable_folder_before_the_model(tmp_path, capsys, no_model):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", picture(tmp_path / "in.png"),
+                           "-o", tmp_path / "ro" / "o.png")
+    assert code != 0 and "not writable" in one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------ (3) inputs never overwritten
+
+
+def test_sample_never_overwrites_its_input(tmp_path, capsys, no_model):
+    src = picture(tmp_path / "in.png")
+    before = src.read_bytes()
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", src, "-o", src)
+    assert code != 0 and "is the input" in one_error_line(err)
+    folder = tmp_path / "photos"
+    picture(folder / "a.png")
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", folder, "-o", folder)
+    assert code != 0 and "input folder" in one_error_line(err)
+    assert src.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["a.png"]
+
+
+def test_equal_stems_in_a_folder_give_distinct_outputs(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    picture(folder / "x.png", seed=1)
+    media.write_image(folder / "x.jpg", data.toy_images(1, 32, 32, seed=2)[0])
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", folder, "--steps", 1, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_jpg.png", "x_png.png"]
+    assert restore.distinct_stems([Path("a/x.png"), Path("b/x.png")], ["d1", "d2"]) == ["d1_x", "d2_x"]
+
+
+def manifest(tmp_path: Path, entries: list[tuple[str, str]]) -> Path:
+    """A JSON manifest of (dataset, file name) pairs, each its own folder with in/ and target/ images."""
+    rows = []
+    for number, (dataset, name) in enumerate(entries):
+        clean = picture(tmp_path / dataset / "target" / name, seed=number)
+        degraded = picture(tmp_path / dataset / "in" / name, seed=number + 10)
+        rows.append({"image_path": str(degraded), "target_path": str(clean), "degradation": "noise",
+                     "dataset": dataset})
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_eval_save_images_keeps_equal_names_of_two_datasets(tmp_path, capsys):
+    path = manifest(tmp_path, [("kodak", "1.png"), ("cbsd", "1.png")])
+    code, err = run_sample(capsys, "--preset", "tiny", "--eval", path, "--steps", 1, "--save-images",
+                           "-o", tmp_path / "res")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "res" / "images").iterdir()) == ["cbsd_1.png", "kodak_1.png"]
+    rows = json.loads((tmp_path / "res" / "results.json").read_text())["items"]
+    assert [row["image"] for row in rows] == ["kodak_1.png", "cbsd_1.png"]
+
+
+# ------------------------------------------------------------------------------ (2) folder runs continue, summary
+
+
+def test_a_folder_run_restores_every_good_file_and_names_each_bad_one(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    picture(folder / "a.png")
+    (folder / "b.png").write_bytes(b"garbage, not a PNG")
+    picture(folder / "c.png", seed=3)
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", folder, "--steps", 1, "-o", tmp_path / "out")
+    assert code != 0 and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    bad = [line for line in err.splitlines() if "error:" in line]
+    assert len(bad) == 1 and "b.png" in bad[0] and "cannot read" in bad[0]
+    assert "restored 2 of 3 images" in err and "failed: b.png" in err
+
+
+# ---------------------------------------------------------------------------- (8) one bad eval item is recorded
+
+
+def test_one_bad_evaluation_item_is_recorded_and_the_rest_written(tmp_path, capsys):
+    path = manifest(tmp_path, [("set", "1.png"), ("set", "2.png"), ("set", "3.png")])
+    (tmp_path / "set" / "in" / "2.png").write_bytes(b"truncated")
+    code, err = run_sample(capsys, "--preset", "tiny", "--eval", path, "--steps", 1, "-o", tmp_path / "res")
+    assert code != 0 and "Traceback" not in err and "2.png" in err
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert [("error" in row) for row in results["items"]] == [False, True, False]
+    assert "cannot read" in results["items"][1]["error"]
+    assert results["summary"]["set"]["count"] == 2
+
+
+# ------------------------------------------------------------------------------------------ (4) EXIF orientation
+
+
+def test_exif_orientation_is_applied_on_read(tmp_path):
+    stored = np.zeros((8, 16, 3), np.uint8)  # 8 high, 16 wide, a bright left column
+    stored[:, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": a phone held upright
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    image = media.read_image(tmp_path / "phone.jpg")
+    assert image.shape == (3, 16, 8)  # upright: 16 high, 8 wide
+    assert image[:, 0].mean() > 0.9 and image[:, -1].mean() < 0.1  # the left column became the top row
+
+
+# --------------------------------------------------------------------------------------- (10) image modes
+
+
+def test_opaque_rgba_is_read_as_rgb_and_16_bit_rgb_like_the_rest(tmp_path):
+    rgb = (np.arange(8 * 8 * 3).reshape(8, 8, 3) * 5 % 256).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, np.full((8, 8), 255, np.uint8)]), "RGBA").save(tmp_path / "opaque.png")
+    assert torch.equal(media.read_image(tmp_path / "opaque.png"), torch.from_numpy(rgb).permute(2, 0, 1) / 255)
+    Image.fromarray(np.dstack([rgb, np.full((8, 8), 254, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
+    with pytest.raises(ValueError, match="alpha"):
+        media.read_image(tmp_path / "alpha.png")
