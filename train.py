@@ -17,9 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 import backbone as backbones
 import data
 import defaults
+import media
 import prompts
 import runtime
 import training
@@ -71,7 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--out", type=Path, required=True, help="run folder")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=10, help="progress line every N steps (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors (a changed "
+                   "--lr/--weight-decay is applied from there on; a changed set-up is refused)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run (its "
+                   "checkpoint, prompt and log are replaced)")
     args = p.parse_args(argv)
 
     named = args.backbone in backbones.BACKBONES
@@ -97,9 +103,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--data is required (except with the tiny preset)")
     if not 0 < args.t_min < args.t0 <= 1:
         p.error("need 0 < --t-min < --t0 <= 1")
+    for name in ("steps", "batch", "save_every", "log_every", "prompt_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not args.t_power > 0:
+        p.error(f"--t-power must be positive, got {args.t_power}")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
     args.degradation = args.degradation[0] if len(args.degradation) == 1 else args.degradation
     args.backbone_name = spec.name
     return args
+
+
+RUN_FILES = ("checkpoint.safetensors", "prompt.safetensors", "log.jsonl")  # what a run writes into --out
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run never writes over another run's files: refused unless --resume or --overwrite; --overwrite
+    removes them (before any model loads)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: an existing file, where a run folder is written")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume and not overwrite:
+        raise ValueError(f"--out {out} holds a run ({', '.join(found)}): continue it with --resume, start afresh "
+                         "with --overwrite, or choose another folder")
+    if overwrite:
+        for name in found:
+            (out / name).unlink()
+    runtime.clean_stale_temp(out)
+
+
+def check_data(dataset, size: tuple[int, int]) -> None:
+    """Every training image readable and at least the crop, checked from its header before step 1 (a bad file
+    would otherwise stop the run when it is first drawn). Raises ValueError naming the file."""
+    pairs = getattr(dataset, "pairs", None) or [(item.clean, item.degraded) for item in getattr(dataset, "items", [])]
+    files = [f for pair in pairs for f in pair] + [s for s in getattr(dataset, "sources", []) if isinstance(s, Path)]
+    for path in files:
+        if isinstance(path, list) or path.suffix.lower() not in media.IMAGE_SUFFIXES:
+            continue  # videos and frame folders: read when drawn
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                image.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(f"{path}: not a readable image ({err})") from None
+        if height < size[0] or width < size[1]:
+            raise ValueError(f"{path}: {height}x{width} (HxW) is smaller than the training crop {size[0]}x{size[1]}")
 
 
 def make_dataset(args: argparse.Namespace, spec: backbones.Spec):
@@ -117,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     spec = backbones.BACKBONES[args.backbone_name]
     try:
+        check_out(args.out, args.resume, args.overwrite)
         dataset = make_dataset(args, spec)
+        check_data(dataset, args.size)
         rank, world, device = runtime.setup_distributed()
         dtype = runtime.default_dtype(device, args.dtype)
         bb = backbones.load(spec.name, args.weights, dtype, device, args.text_cache, args.site == "token")
@@ -134,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                        metadata={"degradation": args.degradation}, rank=rank, world=world)
     except (ValueError, FileNotFoundError, FloatingPointError, weights.CheckpointError) as err:
         sys.exit(f"train.py: error: {err}")
+    except training.Stopped as stop:
+        sys.exit(f"train.py: {stop}")
     finally:
         runtime.close_distributed()
 

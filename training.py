@@ -19,6 +19,8 @@ GPU image can run the step (bench/gpu.py).
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +37,14 @@ import runtime
 import weights
 
 # What a resumed run must share with the run that wrote its checkpoint (keys of the run record).
-RESUME_KEYS = ("backbone", "preset", "weights", "site", "prompt_len", "path", "t0", "t_min", "batch", "seed")
+# Changing any of these changes what is learned, so a resumed run refuses it; --lr and --weight-decay are applied
+# (the optimiser's groups take the new values), --steps/--save-every/--log-every simply take effect.
+RESUME_KEYS = ("backbone", "preset", "weights", "site", "prompt_len", "path", "t0", "t_min", "t_power", "batch",
+               "seed", "data", "synthetic", "degradation", "size", "frames")
+
+
+class Stopped(Exception):
+    """Training stopped by SIGTERM after a step; the checkpoint of that step was written."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +159,8 @@ def load_checkpoint(path: Path, prompt, optimizer, generator: torch.Generator, r
     """Restore what `save_checkpoint` wrote; refuses a checkpoint of a different set-up (RESUME_KEYS of the two
     records). Returns the step."""
     meta = {k: json.loads(v) for k, v in weights.read_metadata(path).items()}
-    recorded = meta["args"]
-    differ = [f"{k}: {recorded.get(k)} -> {record.get(k)}" for k in RESUME_KEYS if recorded.get(k) != record.get(k)]
+    recorded, now = meta["args"], json.loads(json.dumps(record))  # compared as JSON values (tuples are lists)
+    differ = [f"{k}: {recorded.get(k)} -> {now.get(k)}" for k in RESUME_KEYS if recorded.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"{path} was written by a different run set-up ({'; '.join(differ)})")
     tensors = weights.read_state_dict(path)
@@ -164,6 +173,8 @@ def load_checkpoint(path: Path, prompt, optimizer, generator: torch.Generator, r
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group in optimizer.param_groups:  # this run's lr and weight decay, as its record says
+        group["lr"], group["weight_decay"] = now.get("lr", group["lr"]), now.get("weight_decay", group["weight_decay"])
     generator.set_state(tensors["generator"])
     return meta["step"]
 
@@ -246,6 +257,8 @@ def train(
     local = slice(rank * batch // world, (rank + 1) * batch // world)
     losses, start_time, start_step = [], time.time(), step
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    stop: list[int] = []  # the signal, once SIGTERM arrives: the step in progress finishes, is saved, and we stop
+    previous = _catch_sigterm(stop)
     try:
         while step < options.steps:
             # one global batch, drawn identically on every rank; this rank keeps its slice
@@ -279,16 +292,28 @@ def train(
                 log_file.flush()
                 if step % options.log_every == 0 or step == options.steps:
                     (log or _print)(progress_line(step, options, losses, start_time, start_step))
-                if step % options.save_every == 0 or step == options.steps:
+                if step % options.save_every == 0 or step == options.steps or stop:
                     save_checkpoint(checkpoint_path, prompt, optimizer, step, generator, record)
                     prompts.save_prompt(prompt, out / "prompt.safetensors",
                                         prompt_metadata(bb, options, step, record, metadata or {}))
+            if stop:
+                raise Stopped(f"stopped by SIGTERM after step {step}; {checkpoint_path} holds it (--resume continues)")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if log_file is not None:
             log_file.close()
     if world > 1:
         dist.barrier()
     return Run(bb, prompt, losses)
+
+
+def _catch_sigterm(stop: list[int]):
+    """Note SIGTERM in `stop` instead of dying mid-step (clusters send it before killing a job); returns the
+    previous handler, or None where no handler can be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
 
 def _print(line: str) -> None:

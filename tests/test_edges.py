@@ -218,3 +218,118 @@ def test_opaque_rgba_is_read_as_rgb_and_16_bit_rgb_like_the_rest(tmp_path):
     Image.fromarray(np.dstack([rgb, np.full((8, 8), 254, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
     with pytest.raises(ValueError, match="alpha"):
         media.read_image(tmp_path / "alpha.png")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+import train  # noqa: E402
+import weights  # noqa: E402
+
+
+def run_train(capsys, *argv) -> tuple[int, str]:
+    try:
+        train.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+TINY = ("--preset", "tiny", "--backbone", "flux", "--batch", 1, "--log-every", 1)
+
+
+@pytest.fixture
+def no_train_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+    monkeypatch.setattr(train.backbones, "load", refuse)
+
+
+@pytest.mark.parametrize("flag, value", [("--save-every", 0), ("--log-every", 0), ("--t-power", 0),
+                                         ("--t-power", -1), ("--prompt-len", 0), ("--steps", 0)])
+def test_train_refuses_non_positive_settings_in_one_line(tmp_path, capsys, no_train_model, flag, value):
+    code, err = run_train(capsys, *TINY, "--steps", 2, "--out", tmp_path / "run", flag, value)
+    assert code != 0 and flag in one_error_line(err)
+
+
+def test_train_refuses_an_existing_run_without_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(capsys, *TINY, "--steps", 2, "--out", out)[0] == 0
+    checkpoint = (out / "checkpoint.safetensors").read_bytes()
+    log = (out / "log.jsonl").read_text()
+    code, err = run_train(capsys, *TINY, "--steps", 2, "--seed", 1, "--out", out)
+    assert code != 0 and "--resume" in one_error_line(err)
+    assert (out / "checkpoint.safetensors").read_bytes() == checkpoint and (out / "log.jsonl").read_text() == log
+    code, err = run_train(capsys, *TINY, "--steps", 2, "--seed", 1, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2  # a fresh log, not appended
+
+
+def test_resume_applies_a_changed_lr_and_refuses_a_changed_setup(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(capsys, *TINY, "--steps", 1, "--out", out)[0] == 0
+    code, err = run_train(capsys, *TINY, "--steps", 2, "--out", out, "--resume", "--lr", 0.5)
+    assert code == 0, err
+    meta = {k: json.loads(v) for k, v in weights.read_metadata(out / "checkpoint.safetensors").items()}
+    assert meta["step"] == 2 and meta["args"]["lr"] == 0.5
+    assert [group["lr"] for group in meta["param_groups"]] == [0.5] * len(meta["param_groups"])
+    for flag, value in [("--t-power", 2), ("--size", "48 48"), ("--degradation", "haze"), ("--seed", 3),
+                        ("--t0", 0.5), ("--batch", 2), ("--prompt-len", 3)]:
+        code, err = run_train(capsys, *TINY, "--steps", 3, "--out", out, "--resume", flag, *str(value).split())
+        assert code != 0 and "different run set-up" in one_error_line(err), flag
+        assert flag.lstrip("-").replace("-", "_") in err
+
+
+def test_training_data_is_checked_before_step_one(tmp_path, capsys, no_train_model):
+    root = tmp_path / "pairs"
+    for name in ("a", "b", "c"):
+        picture(root / "clean" / f"{name}.png", 48, 48)
+        picture(root / "degraded" / f"{name}.png", 48, 48)
+    (root / "degraded" / "b.png").write_bytes((root / "degraded" / "b.png").read_bytes()[:60])  # truncated
+    code, err = run_train(capsys, *TINY, "--data", root, "--size", 32, 32, "--steps", 2, "--out", tmp_path / "r")
+    assert code != 0 and "b.png" in one_error_line(err)
+    picture(root / "degraded" / "b.png", 48, 48)
+    picture(root / "clean" / "c.png", 16, 48)
+    picture(root / "degraded" / "c.png", 16, 48)
+    code, err = run_train(capsys, *TINY, "--data", root, "--size", 32, 32, "--steps", 2, "--out", tmp_path / "r")
+    assert code != 0 and "c.png" in one_error_line(err) and "smaller than the training crop" in err
+
+
+# ---------------------------------------------------------------------------------- (9) leftovers and SIGTERM
+
+
+def test_stale_temp_files_of_our_naming_are_cleaned_on_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.a1b2c3d4.tmp.safetensors", out / ".log.zz_9xy00.tmp.jsonl"]
+    fresh = out / ".prompt.q1w2e3r4.tmp.safetensors"  # a writer still at work: recent, kept
+    mine = [out / ".notes.tmp", out / "x.tmp.png"]  # not our pattern: the user's, kept
+    for path in [*stale, fresh, *mine]:
+        path.write_bytes(b"half")
+    for path in stale:
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    assert run_train(capsys, *TINY, "--steps", 1, "--out", out)[0] == 0
+    assert not any(path.exists() for path in stale)
+    assert fresh.exists() and all(path.exists() for path in mine)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name and p not in (fresh, *mine)]
+
+
+def test_sigterm_during_training_writes_a_final_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "train.py", *map(str, TINY), "--steps", "100000", "--save-every", "100000",
+               "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # a progress line per step: training has begun (no sleeping on the clock)
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM" in err and "Traceback" not in err
+    meta = {k: json.loads(v) for k, v in weights.read_metadata(out / "checkpoint.safetensors").items()}
+    steps = len((out / "log.jsonl").read_text().splitlines())
+    assert meta["step"] == steps >= 3
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
