@@ -152,6 +152,16 @@ def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[n
     if backbone is not None and meta["backbone"] != backbone:
         raise ValueError(f"{path}: this prompt was trained for {meta['backbone']} ({meta['config']}), not {backbone}")
     state = weights.read_state_dict(path)
+    try:
+        prompt = _prompt_for(meta, state, path)
+    except (KeyError, IndexError) as err:  # a file with the tag but not the tensors (or metadata) of its site
+        raise ValueError(f"{path}: not a complete prompt file (missing {err})") from None
+    weights.load_into(prompt, state)
+    return prompt, meta
+
+
+def _prompt_for(meta: dict, state: dict, path: Path) -> nn.Module:
+    """The (untrained) prompt module a file's metadata and tensor shapes describe."""
     if meta["site"] == "deep":
         prompt = DeepPrompt(state["alphas"].shape[0], state["prompts"].shape[1], state["prompts"].shape[2])
     elif meta["site"] == "text":
@@ -162,8 +172,7 @@ def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[n
         prompt = TokenPrompt(state["t5"].shape[1], state["t5"].shape[2], *clip_shape)
     else:
         raise ValueError(f"{path}: unknown prompt site {meta['site']!r}")
-    weights.load_into(prompt, state)
-    return prompt, meta
+    return prompt
 
 
 def _decode(value: str):
@@ -210,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         save_prompt(prompt, args.target, meta)
         print(f"wrote {args.target}: {meta['site']} prompt for {meta['config']}, K={meta['length']}")
     else:
-        prompt, meta = load_prompt(args.path)
+        try:
+            prompt, meta = load_prompt(args.path)
+        except (ValueError, weights.CheckpointError) as err:
+            sys.exit(f"prompts.py: error: {err}")
         for key, value in meta.items():
             print(f"{key}: {value}")
         for name, tensor in prompt.state_dict().items():

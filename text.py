@@ -36,6 +36,7 @@ import html
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -325,11 +326,21 @@ def _with_cache(
     for text in texts:
         digest = hashlib.sha256(json.dumps({**key, "text": text}, sort_keys=True).encode()).hexdigest()
         paths[text] = Path(cache_dir) / f"{key['backbone']}-{digest[:40]}.safetensors"
-    missing = [text for text in dict.fromkeys(texts) if not paths[text].is_file()]
-    results = dict(zip(missing, encode(missing))) if missing else {}
-    for text, tensors in results.items():
-        save_safetensors(tensors, paths[text], metadata={**key, "text": text})
-    return [results[text] if text in results else read_state_dict(paths[text]) for text in texts]
+    results = {}
+    for text in dict.fromkeys(texts):
+        if paths[text].is_file():
+            try:
+                results[text] = read_state_dict(paths[text])
+            except CheckpointError as err:  # a truncated or corrupt entry: computed again below, and replaced
+                print(f"text cache: {err}; encoding this text again", file=sys.stderr)
+    missing = [text for text in dict.fromkeys(texts) if text not in results]
+    for text, tensors in zip(missing, encode(missing) if missing else []):
+        results[text] = tensors
+        try:
+            save_safetensors(tensors, paths[text], metadata={**key, "text": text})
+        except OSError as err:  # a read-only or full cache: the outputs are still right, only not kept
+            print(f"text cache: cannot write {paths[text]} ({err.strerror or err}); not cached", file=sys.stderr)
+    return [results[text] for text in texts]
 
 
 def _check_request(texts: list[str], length: int) -> None:

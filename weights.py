@@ -10,8 +10,10 @@ their attribute names, so a state dict goes straight into `load_state_dict` with
 a 12B model never exists twice in memory. Every mismatch is reported by name; nothing is fixed silently.
 """
 
+import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -62,6 +64,9 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index_path}: not a valid shard index ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: not a valid shard index (weight_map must map tensor names to shard "
+                              f"file names, got {type(weight_map).__name__})")
     state = {}
     for shard in sorted(set(weight_map.values())):
         tensors = read_state_dict(index_path.parent / shard)
@@ -190,3 +195,29 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python weights.py show FILE`: a checkpoint's tensors (name, shape, dtype) and its metadata."""
+    parser = argparse.ArgumentParser(description="Checkpoints: show what a .safetensors / .index.json / .pth "
+                                     "file holds, read as this project reads it (weights_only for pickles).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="tensor names, shapes and dtypes, then the metadata")
+    show.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        state = read_state_dict(args.path)
+        meta = read_metadata(args.path) if args.path.suffix == ".safetensors" else {}
+    except CheckpointError as err:
+        sys.exit(f"weights.py: error: {err}")
+    for name, tensor in state.items():
+        print(f"{name}: {list(tensor.shape)} {tensor.dtype}")
+    for key, value in meta.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

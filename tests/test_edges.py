@@ -333,3 +333,60 @@ def test_sigterm_during_training_writes_a_final_checkpoint(tmp_path):
     steps = len((out / "log.jsonl").read_text().splitlines())
     assert meta["step"] == steps >= 3
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------- (10) the small ones
+
+
+def test_a_corrupt_or_unwritable_text_cache_entry_is_recomputed(tmp_path, capsys):
+    import text
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return [{"t5": torch.full((1, 2), float(len(t)))} for t in texts]
+
+    key = {"backbone": "flux", "snapshot": "x"}
+    first = text._with_cache(["ab", "abc"], tmp_path / "cache", key, encode)
+    entry = sorted((tmp_path / "cache").iterdir())[0]
+    entry.write_bytes(b"not a safetensors file")  # a torn write of another tool, a full disk, ...
+    again = text._with_cache(["ab", "abc"], tmp_path / "cache", key, encode)
+    assert len(calls) == 2 and len(calls[1]) == 1  # only the corrupt entry encoded again
+    assert all(torch.equal(a["t5"], b["t5"]) for a, b in zip(first, again))
+    assert "encoding this text again" in capsys.readouterr().err
+    (tmp_path / "file").write_text("a file where the cache folder would be")
+    kept = text._with_cache(["ab"], tmp_path / "file" / "cache", key, encode)  # cannot be written: still right
+    assert torch.equal(kept[0]["t5"], first[0]["t5"]) and "not cached" in capsys.readouterr().err
+
+
+def test_a_prompt_file_without_tensors_and_a_malformed_index_are_one_line_errors(tmp_path, capsys, no_model):
+    import prompts
+
+    weights.save_safetensors({"unrelated": torch.zeros(1)}, tmp_path / "p.safetensors",
+                             metadata={"format": prompts.FORMAT, "backbone": "flux", "config": "tiny-flux",
+                                       "site": "deep"})
+    with pytest.raises(ValueError, match="not a complete prompt file"):
+        prompts.load_prompt(tmp_path / "p.safetensors")
+    code = subprocess.run([sys.executable, "prompts.py", "show", str(tmp_path / "p.safetensors")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert code.returncode != 0 and one_error_line(code.stderr).startswith("prompts.py: error:")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(weights.CheckpointError, match="not a valid shard index"):
+        weights.read_state_dict(tmp_path / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("script", ["data.py", "weights.py", "prompts.py"])
+def test_every_command_line_prints_its_help(script):
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage:") and len(done.stdout.splitlines()) > 3
+
+
+def test_weights_show_lists_tensors_and_refuses_a_missing_file_in_one_line(tmp_path):
+    weights.save_safetensors({"a.weight": torch.zeros(2, 3)}, tmp_path / "m.safetensors", metadata={"k": "v"})
+    done = subprocess.run([sys.executable, "weights.py", "show", str(tmp_path / "m.safetensors")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "a.weight: [2, 3] torch.float32" in done.stdout and "k: v" in done.stdout
+    done = subprocess.run([sys.executable, "weights.py", "show", str(tmp_path / "no.safetensors")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "no such checkpoint" in one_error_line(done.stderr)
