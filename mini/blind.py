@@ -12,7 +12,8 @@ image the restorations (PSNR, 20 steps, T0 0.4, seed 0) with
   named    the correct prompt (a pair: each of its two prompts alone, and both averaged, the paper's recipe)
   auto     the bank's estimator's prompts and weights (when it decides the single correct prompt, the named
            restoration is reused: the computation is the same)
-  uniform  all the bank's prompts averaged (the default before issue 15)
+  uniform  all the bank's prompts averaged (the default before issue 15; six evaluations a step, so a
+           second pass, `--uniform`, adds it to the records)
   all      the all-in-one prompt, trained on the mixture of every degradation (mini/prompts/all.safetensors)
 Cases are visited image-major (every case's first image, then every case's second, ...), and the results are
 rewritten after each, so a run stopped early still covers every case. Writes mini/runs/blind/records.json and
@@ -36,7 +37,7 @@ from mini import images
 
 MINI = Path(__file__).parent
 SINGLES = ["noise", "blur", "haze", "rain", "lowlight", "snow"]
-PAIRS = [("haze", "lowlight"), ("rain", "noise"), ("blur", "noise"), ("snow", "lowlight")]
+PAIRS = [("haze", "lowlight"), ("blur", "noise"), ("haze", "rain")]
 
 
 def crops(eval_folder: Path, count: int | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -54,9 +55,9 @@ def cases() -> list[tuple[str, ...]]:
     return [(d,) for d in SINGLES] + PAIRS
 
 
-def accuracy_table(est: estimator.Estimator, eval_folder: Path) -> str:
-    """Markdown: the decision accuracy per label set over every held-out crop."""
-    pool = crops(eval_folder)
+def accuracy_table(est: estimator.Estimator, eval_folder: Path, count: int | None = None) -> str:
+    """Markdown: the decision accuracy per label set over the first `count` held-out crops (None: all 28)."""
+    pool = crops(eval_folder, count)
     label_sets = [()] + [(d,) for d in SINGLES] + list(itertools.combinations(SINGLES, 2))
     lines = ["| input | crops | decided exactly | mean weight on the true prompts |", "|---|---|---|---|"]
     start, count = time.time(), 0
@@ -75,16 +76,33 @@ def accuracy_table(est: estimator.Estimator, eval_folder: Path) -> str:
     return "\n".join(lines) + f"\n\n{count} decisions, {ms:.1f} ms each including the degradation (one CPU thread)\n"
 
 
-def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, out: Path) -> list[dict]:
+def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, out: Path,
+                    uniform: bool) -> list[dict]:
+    """The records of `restore` (written to `out` after each), or with `uniform`, the uniform average's PSNR
+    added to the records in `out` that lack it (six model evaluations a step: a second, optional pass)."""
     bb = backbone.load_miniature(MINI)
     bank = restore.load_bank(bank_path, bb)
     named = {n: p for n, (p, _) in zip(bank.names, bank.prompts)}
     options = restore.RestoreOptions(steps=steps)
     all_path = MINI / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"
-    rows = {"uniform": restore.velocity_for(bb, list(named.values()))}
+    rows = {}
     if all_path.exists():
         rows["all"] = restore.velocity_for(bb, [restore.load_prompts([all_path], bb)[0][0]])
     pool = crops(eval_folder, count)
+    if uniform:
+        records = json.loads(out.read_text())
+        average = restore.velocity_for(bb, list(named.values()))
+        for record in records:
+            if "uniform" in record:
+                continue
+            case = [tuple(c) for c in cases()].index(tuple(record["case"].split("+")))
+            i, clean = next((i, c) for i, (n, c) in enumerate(crops(eval_folder)) if n == record["image"])
+            x = degraded_input(clean, tuple(record["case"].split("+")), case, i)
+            record["uniform"] = restore.measure(restore.restore_image(bb, average, x, options), clean)["psnr"]
+            with runtime.atomic_file(out) as tmp:
+                tmp.write_text(json.dumps(records, indent=1))
+            print(f"{record['case']} {record['image']}: uniform {record['uniform']:.2f}", flush=True)
+        return records
     records = []
     for i, (name, clean) in enumerate(pool):
         for case, names in enumerate(cases()):
@@ -158,17 +176,19 @@ def main() -> None:
     p.add_argument("--eval", type=Path, default=MINI.parent.parent / "shared" / "data" / "eval")
     p.add_argument("--estimator", type=Path, help="accuracy: an estimator file (or take the bank's)")
     p.add_argument("--bank", type=Path, default=MINI / "prompts" / estimator.BANK_NAME)
-    p.add_argument("--count", type=int, default=2, help="restore: images per case (default: %(default)s)")
+    p.add_argument("--count", type=int, help="images per case (default: restore 2, accuracy all 28)")
     p.add_argument("--steps", type=int, default=defaults.STEPS)
     p.add_argument("--records", type=Path, default=MINI / "runs" / "blind" / "records.json")
+    p.add_argument("--uniform", action="store_true", help="restore: add the uniform average to the records")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.command == "accuracy":
         est = estimator.load_estimator(args.estimator) if args.estimator else estimator.load_bank(args.bank).estimator
-        print(accuracy_table(est, args.eval))
+        print(accuracy_table(est, args.eval, args.count))
     elif args.command == "restore":
-        restore_records(args.bank, args.eval, args.count, args.steps, args.records)
+        args.records.parent.mkdir(parents=True, exist_ok=True)
+        restore_records(args.bank, args.eval, args.count or 2, args.steps, args.records, args.uniform)
         print(restore_table(json.loads(args.records.read_text())))
     else:
         print(restore_table(json.loads(args.records.read_text())))
