@@ -315,6 +315,8 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     """Restore every item of a manifest or paired folder and measure it; rank 0 writes the results."""
     items = restore.evaluation_items(args.eval)
     out_dir = args.output or Path("results")
+    runtime.clean_stale_temp(out_dir)
+    runtime.clean_stale_temp(out_dir / "images")
     lpips = metrics.load_lpips(args.lpips_weights, device=bb.device) if args.lpips_weights else None
     rows = restore.evaluate(bb, velocity, items, args.options, defaults.EVAL_RESIZE if args.resize_512 else None,
                             lpips, out_dir / "images" if args.save_images else None,

@@ -5,9 +5,11 @@ refusals, training data checked first, stale temp files, SIGTERM, and the small 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +220,15 @@ def test_opaque_rgba_is_read_as_rgb_and_16_bit_rgb_like_the_rest(tmp_path):
     Image.fromarray(np.dstack([rgb, np.full((8, 8), 254, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
     with pytest.raises(ValueError, match="alpha"):
         media.read_image(tmp_path / "alpha.png")
+    deep = rgb.astype(np.uint16) * 256 + 200  # 16 bits a channel; Pillow keeps the high byte, as for any RGB file
+    rows = b"".join(b"\x00" + deep[y].astype(">u2").tobytes() for y in range(8))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    (tmp_path / "deep.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+                                        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    assert torch.equal(media.read_image(tmp_path / "deep.png"), torch.from_numpy(rgb).permute(2, 0, 1) / 255)
 
 
 # ------------------------------------------------------------------------------------------------ training
