@@ -153,15 +153,19 @@ class Backbone:
     # ------------------------------------------------------------------ pixels <-> latents
 
     @torch.no_grad()
-    def encode(self, pixels: Tensor, tile: int | None = None) -> Tensor:
+    def encode(self, pixels: Tensor, tile: int | None = None, sample_seed: int | None = None) -> Tensor:
         """[B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [-1, 1] -> float32 latent [B, 16, ...].
 
-        `tile` (pixels; FLUX only): encode overlapping tiles of at most tile x tile pixels (bounded memory)."""
+        `tile` (pixels; FLUX only): encode overlapping tiles of at most tile x tile pixels (bounded memory).
+        `sample_seed`: a posterior draw (mean + std * noise, noise from a generator of that seed on the device)
+        instead of the posterior mean (the authors' latent_dist.sample())."""
         self.check_pixels(pixels)
         pixels = pixels.to(self.device, next(self.vae.parameters()).dtype)
+        draw = {} if sample_seed is None else {
+            "sample": True, "generator": torch.Generator(self.device).manual_seed(sample_seed)}
         if tile is not None and self.kind == "flux":
-            return self.vae.encode(pixels, tile=tile, overlap=defaults.tile_overlap(tile)).float()
-        return self.vae.encode(pixels).float()
+            return self.vae.encode(pixels, tile=tile, overlap=defaults.tile_overlap(tile), **draw).float()
+        return self.vae.encode(pixels, **draw).float()
 
     @torch.no_grad()
     def decode(self, latent: Tensor, tile: int | None = None) -> Tensor:

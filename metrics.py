@@ -44,7 +44,7 @@ without them; it is never computed with random weights (see `LPIPS`).
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -316,6 +316,185 @@ def load_lpips(
                 raise CheckpointError(f"{path}: key {key} is also in an earlier LPIPS weight file")
             state[key] = value.float()
     return build(lambda _: LPIPS(), None, state, device=device)
+
+
+# ================================================================================================ the authors'
+
+# The paper authors' PSNR and SSIM (protocol.py): on float RGB in [0, 1] (no 8-bit rounding), SSIM as
+# scikit-image's default structural_similarity(target, pred, data_range=1, channel_axis=-1): a 7 x 7 uniform
+# window, SAMPLE covariances (N / (N - 1), N = 49), K1 = 0.01, K2 = 0.03, the map cropped 3 pixels at every
+# edge (which is exactly the valid part of the filtering), averaged over the map, then over the channels.
+PAPER_SSIM_WINDOW = 7
+
+
+def _float_frames(pred: Tensor, target: Tensor, video: bool | None, min_size: int = 1) -> tuple[Tensor, Tensor]:
+    pred, target = _frames(pred, target, video)
+    if min(pred.shape[-2:]) < min_size:
+        raise ValueError(f"need frames of at least {min_size} x {min_size} pixels, got {list(pred.shape[-2:])}")
+    return pred.detach().double(), target.detach().double()
+
+
+def paper_psnr(pred: Tensor, target: Tensor, video: bool | None = None) -> float:
+    """The authors' PSNR: 10 log10(1 / MSE) on float RGB in [0, 1], mean over images/frames (inf if equal)."""
+    pred, target = _float_frames(pred, target, video)
+    scores = []
+    for p, t in zip(pred, target):
+        mse = (p - t).square().mean().item()
+        scores.append(math.inf if mse == 0 else 10 * math.log10(1 / mse))
+    return sum(scores) / len(scores)
+
+
+def _box_valid(x: Tensor, size: int) -> Tensor:
+    """Mean over size x size windows of x [..., h, w] without padding -> [..., h - size + 1, w - size + 1]."""
+    height, width = x.shape[-2:]
+    x = sum(x[..., k:width - size + 1 + k] for k in range(size)) / size
+    return sum(x[..., k:height - size + 1 + k, :] for k in range(size)) / size
+
+
+def paper_ssim(pred: Tensor, target: Tensor, video: bool | None = None) -> float:
+    """The authors' SSIM (scikit-image's default on float RGB, data range 1): mean over images/frames."""
+    size = PAPER_SSIM_WINDOW
+    pred, target = _float_frames(pred, target, video, min_size=size)
+    norm = size * size / (size * size - 1)  # sample covariance
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    scores = []
+    for x, y in zip(pred, target):
+        mu_x, mu_y, xx, yy, xy = _box_valid(torch.stack([x, y, x * x, y * y, x * y]), size).unbind(0)
+        var_x, var_y, cov = norm * (xx - mu_x**2), norm * (yy - mu_y**2), norm * (xy - mu_x * mu_y)
+        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        scores.append(ssim_map.mean(dim=(1, 2)).mean().item())
+    return sum(scores) / len(scores)
+
+
+# ================================================================================================ DISTS
+
+# DISTS (Ding et al. 2020): VGG16 features with its max-pools replaced by L2 pooling; at the image and after
+# relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (torchvision `features` indices below), per channel,
+#   structure S1 = (2 mu_x mu_y + c) / (mu_x^2 + mu_y^2 + c),  texture S2 = (2 cov_xy + c) / (var_x + var_y + c)
+# (spatial means, population variances, c = 1e-6), and
+#   DISTS = 1 - sum_channels (alpha S1 + beta S2),  alpha, beta >= 0 learned, divided by their joint sum.
+DISTS_TAPS = (3, 8, 15, 22, 29)
+DISTS_CHANNELS = (3, 64, 128, 256, 512, 512)
+DISTS_MEAN, DISTS_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation into VGG
+DISTS_C = 1e-6
+DISTS_WEIGHTS_HELP = (
+    "DISTS needs real weights: the VGG16 features (torchvision's vgg16-397923af.pth, keys "
+    "features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}) and DISTS's alpha and beta ([1, 1475, 1, 1] "
+    "each, the DISTS_pytorch package's weights.pt), as those two files or one holding both"
+)
+
+
+class L2Pool(nn.Module):
+    """DISTS's replacement for max-pooling: sqrt(hanning-3x3 blur of x^2, stride 2, padding 1) per channel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        taps = torch.tensor([0.5, 1.0, 0.5], dtype=x.dtype, device=x.device)
+        kernel = (taps[:, None] * taps[None, :]) / 4  # normalised: sums to 1
+        kernel = kernel.expand(x.shape[1], 1, 3, 3)
+        return (F.conv2d(x.square(), kernel, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    """DISTS with attribute names = the checkpoint keys (DISTS_WEIGHTS_HELP); meta parameters until loaded, so it
+    never scores with random weights (`load_dists`)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        with torch.device("meta"):
+            for block in ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)):
+                if layers:
+                    layers.append(L2Pool())  # where VGG16 max-pools: features 4, 9, 16, 23
+                for out in block:
+                    layers += [nn.Conv2d(width, out, 3, padding=1), nn.ReLU()]
+                    width = out
+            self.features = nn.Sequential(*layers)
+            self.alpha = nn.Parameter(torch.empty(1, sum(DISTS_CHANNELS), 1, 1))
+            self.beta = nn.Parameter(torch.empty(1, sum(DISTS_CHANNELS), 1, 1))
+
+    def taps(self, x: Tensor) -> list[Tensor]:
+        """x [B, 3, H, W] in [0, 1] -> [x, relu1_2, relu2_2, relu3_3, relu4_3, relu5_3]."""
+        mean = torch.tensor(DISTS_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(DISTS_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        out, h = [x], (x - mean) / std
+        for index, layer in enumerate(self.features):
+            h = layer(h)
+            if index in DISTS_TAPS:
+                out.append(h)
+        return out
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        """pred, target [B, 3, H, W] in [0, 1] -> distances [B]."""
+        if self.alpha.is_meta:
+            raise LPIPSUnavailable("this DISTS has no weights loaded; use load_dists(paths). " + DISTS_WEIGHTS_HELP)
+        if pred.ndim != 4 or pred.shape[1] != 3 or pred.shape != target.shape:
+            raise ValueError(f"DISTS expects pred and target [B, 3, H, W] of one shape, got "
+                             f"{_describe(pred)} and {_describe(target)}")
+        total = self.alpha.sum() + self.beta.sum()
+        alphas = (self.alpha / total).split(DISTS_CHANNELS, dim=1)
+        betas = (self.beta / total).split(DISTS_CHANNELS, dim=1)
+        both = self.taps(torch.cat([pred, target]).to(self.alpha))
+        similarity = 0
+        for f, alpha, beta in zip(both, alphas, betas):
+            x, y = f.chunk(2)
+            mu_x, mu_y = x.mean(dim=(2, 3), keepdim=True), y.mean(dim=(2, 3), keepdim=True)
+            var_x, var_y = (x - mu_x).square().mean(dim=(2, 3), keepdim=True), (y - mu_y).square().mean(dim=(2, 3), keepdim=True)
+            cov = (x * y).mean(dim=(2, 3), keepdim=True) - mu_x * mu_y
+            s1 = (2 * mu_x * mu_y + DISTS_C) / (mu_x**2 + mu_y**2 + DISTS_C)
+            s2 = (2 * cov + DISTS_C) / (var_x + var_y + DISTS_C)
+            similarity = similarity + (alpha * s1 + beta * s2).sum(dim=(1, 2, 3))
+        return 1 - similarity
+
+    @torch.no_grad()
+    def score(self, pred: Tensor, target: Tensor, video: bool | None = None) -> float:
+        """Mean DISTS over images/frames (inputs clamped to [0, 1])."""
+        pred, target = _frames(pred, target, video)
+        scores = [self(p[None].float().clamp(0, 1), t[None].float().clamp(0, 1)).item() for p, t in zip(pred, target)]
+        return sum(scores) / len(scores)
+
+
+def load_dists(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] | None, device: torch.device | str = "cpu"
+) -> DISTS:
+    """A DISTS with real weights read from `paths` (DISTS_WEIGHTS_HELP's key sets, in one or more files); the
+    same rules as `load_lpips` (no paths: LPIPSUnavailable; a wrong key set: CheckpointError)."""
+    if not paths:
+        raise LPIPSUnavailable("DISTS is unavailable: no weights given (e.g. --dists-weights PATH). "
+                               + DISTS_WEIGHTS_HELP + ". It is never computed with random weights.")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    state: dict[str, Tensor] = {}
+    for path in paths:
+        for key, value in read_state_dict(path).items():
+            if key.startswith("classifier."):  # VGG's ImageNet classifier: not part of DISTS
+                continue
+            if key in state:
+                raise CheckpointError(f"{path}: key {key} is also in an earlier DISTS weight file")
+            state[key] = value.float()
+    return build(lambda _: DISTS(), None, state, device=device)
+
+
+# ================================================================================================ no-reference
+
+
+def no_reference(names: Sequence[str], device: torch.device | str = "cpu") -> dict[str, Callable[[Tensor], float]]:
+    """The paper's no-reference metrics (e.g. "clipiqa+", "musiq") through the optional package pyiqa, never a
+    runtime requirement: ValueError when it is not installed. {name: score(x)} with x an image [3, H, W] or a
+    video [3, F, H, W] in [0, 1] (the mean over frames). pyiqa fetches its own weights."""
+    try:
+        import pyiqa  # optional: only for these metrics
+    except ImportError:
+        raise ValueError("no-reference metrics need the optional package pyiqa (pip install pyiqa), which is not "
+                         "installed") from None
+
+    def scorer(model):
+        def score(x: Tensor) -> float:
+            frames = x[None] if x.ndim == 3 else x.transpose(0, 1)
+            with torch.no_grad():
+                return sum(float(model(f[None].clamp(0, 1).to(device))) for f in frames) / len(frames)
+        return score
+
+    return {name: scorer(pyiqa.create_metric(name, device=device)) for name in names}
 
 
 # ================================================================================================ tables

@@ -19,6 +19,7 @@ The paper authors' released `wan_*.pt` files import into this format bit-exactly
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -182,9 +183,18 @@ def _decode(value: str):
         return value
 
 
-def import_authors_wan(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
-    """The paper authors' released Wan prompt (`wan_*.pt`: {"backend": "wan", "deep_prompt_bank": {"prompts":
-    [1, 226, 1536]}, "alphas": [30 scalar tensors]}) as a DeepPrompt, values bit-exact, read with weights_only=True.
+# The authors' released prompt files, per backend: (our config, K, alphas = the DiT's blocks, text length).
+AUTHORS_FORMATS = {
+    "wan": ("wan2.1-t2v-1.3b", defaults.PROMPT_LEN["wan"], 30, defaults.WAN_CONTEXT_LEN),
+    "flux": ("flux-dev", defaults.PROMPT_LEN["flux"], 19 + 38, defaults.FLUX_TEXT_LEN["flux-dev"]),
+}
+
+
+def import_authors(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
+    """The paper authors' released prompt (`wan_*.pt` / `flux_*.pt`: {"backend": "wan" | "flux",
+    "deep_prompt_bank": {"prompts": [1, K, D]}, "alphas": [one scalar tensor per block]}; Wan K = 226, D = 1536,
+    30 alphas; FLUX K = 512, D = 3072, 57 alphas = 19 double + 38 single blocks) as a DeepPrompt, values
+    bit-exact, read with weights_only=True.
     """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,30 +202,52 @@ def import_authors_wan(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
         alphas = torch.stack([a.reshape(()) for a in payload["alphas"]])
     except Exception as err:
         raise ValueError(f"{path}: not an authors' deep-prompt file ({type(err).__name__}: {err})") from None
-    if payload.get("backend") != "wan":
-        raise ValueError(f"{path}: backend {payload.get('backend')!r}, expected 'wan'")
+    backend = payload.get("backend")
+    if backend not in AUTHORS_FORMATS:
+        raise ValueError(f"{path}: backend {backend!r}, expected one of {sorted(AUTHORS_FORMATS)}")
+    config, length, blocks, context_len = AUTHORS_FORMATS[backend]
+    if prompts.ndim != 3 or prompts.shape[:2] != (1, length) or alphas.shape[0] != blocks:
+        raise ValueError(f"{path}: a {backend} prompt of shape {list(prompts.shape)} with {alphas.shape[0]} alphas; "
+                         f"the authors' {backend} files are [1, {length}, D] with {blocks} alphas")
     prompt = DeepPrompt(alphas.shape[0], prompts.shape[1], prompts.shape[2])
     weights.load_into(prompt, {"prompts": prompts, "alphas": alphas})
     meta = {
-        "backbone": "wan", "config": "wan2.1-t2v-1.3b", "site": "deep", "length": prompts.shape[1],
-        "context_len": defaults.WAN_CONTEXT_LEN, "t0": defaults.T0, "t_min": defaults.T_MIN,
-        "degradation": Path(path).stem.removeprefix("wan_"),
+        "backbone": backend, "config": config, "site": "deep", "length": prompts.shape[1],
+        "context_len": context_len, "t0": defaults.T0, "t_min": defaults.T_MIN,
+        "degradation": Path(path).stem.removeprefix(f"{backend}_"),
         "source": f"imported from the authors' release {Path(path).name}",
     }
+    return prompt, meta
+
+
+def import_authors_wan(path: str | os.PathLike) -> tuple[DeepPrompt, dict]:
+    """`import_authors` of a Wan file (`wan_*.pt`); any other backend is refused."""
+    prompt, meta = import_authors(path)
+    if meta["backbone"] != "wan":
+        raise ValueError(f"{path}: backend {meta['backbone']!r}, expected 'wan'")
     return prompt, meta
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Prompt files: convert the authors' release, show metadata.")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("import", help="convert an authors' wan_*.pt into this project's format")
+    convert = commands.add_parser("import", help="convert an authors' wan_*.pt / flux_*.pt into this project's "
+                                  "format")
     convert.add_argument("source", type=Path)
-    convert.add_argument("target", type=Path)
+    convert.add_argument("target", type=Path, nargs="?", help="default: SOURCE with .safetensors (never "
+                         "overwritten)")
     show = commands.add_parser("show", help="print a prompt file's metadata and tensor shapes")
     show.add_argument("path", type=Path)
     args = parser.parse_args(argv)
     if args.command == "import":
-        prompt, meta = import_authors_wan(args.source)
+        target = args.target or args.source.with_suffix(".safetensors")
+        try:
+            if args.target is None and target.exists():
+                raise ValueError(f"{target} exists; name another output file")
+            prompt, meta = import_authors(args.source)
+        except ValueError as err:
+            sys.exit(f"prompts.py: error: {err}")
+        args.target = target
         save_prompt(prompt, args.target, meta)
         print(f"wrote {args.target}: {meta['site']} prompt for {meta['config']}, K={meta['length']}")
     else:

@@ -20,6 +20,7 @@ Progress is reported through `progress(done, total)` after every model evaluatio
 errors are exceptions (ValueError for a bad input or request).
 """
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ import estimator
 import media
 import metrics
 import prompts
+import protocol
 import runtime
 import streaming
 import text
@@ -58,8 +60,22 @@ class RestoreOptions:
     tile: int | None = None  # pixels: larger images are restored in tiles (None: the backbone's, Spec.tile)
     chunk_frames: int = defaults.CHUNK_FRAMES  # video chunk length, 4k+1
     chunk_overlap: int = defaults.CHUNK_OVERLAP  # frames shared by neighbouring chunks
+    # The authors' protocol, part by part (protocol.py; the defaults are ours):
+    size: tuple[int, int] | None = None  # (H, W): inputs resized to it (PIL bicubic), the output stays that size
+    first_frames: int | None = None  # videos: only the first min(n, first_frames) frames (4k+1), one pass
+    timesteps: str = "continuous"  # "scheduler": the DiT sees t rounded to its scheduler's grid
+    autocast: str | None = None  # e.g. "float16": the DiT runs under torch.autocast of that dtype
+    vae_sample_seed: int | None = None  # encode with latent_dist.sample() from a generator of this seed
+    fixed_noise: bool = False  # every call (every video chunk) starts from the noise of `seed` itself
 
     def __post_init__(self):
+        if self.timesteps not in ("continuous", "scheduler"):
+            raise ValueError(f"timesteps must be 'continuous' or 'scheduler', got {self.timesteps!r}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < defaults.SIZE_MULTIPLE
+                                      or any(s % defaults.SIZE_MULTIPLE for s in self.size)):
+            raise ValueError(f"the restoration size must be two multiples of {defaults.SIZE_MULTIPLE}, got {self.size}")
+        if self.first_frames is not None and self.first_frames < 1:
+            raise ValueError(f"first_frames must be at least 1, got {self.first_frames}")
         if self.steps < 1 or not 0 < self.t_min <= self.t0 <= 1:
             raise ValueError(f"need steps >= 1 and 0 < t_min <= T0 <= 1, got steps={self.steps}, "
                              f"t_min={self.t_min}, T0={self.t0}")
@@ -68,6 +84,22 @@ class RestoreOptions:
         if not defaults.is_clip_length(self.chunk_frames) or not 0 <= self.chunk_overlap < self.chunk_frames:
             raise ValueError(f"video chunks must have 4k+1 frames and overlap by [0, chunk frames) frames, got "
                              f"{self.chunk_frames} frames overlapping by {self.chunk_overlap}")
+
+
+def dit_velocity(bb: backbones.Backbone, velocity: bridge.VelocityFn, options: RestoreOptions) -> bridge.VelocityFn:
+    """`velocity` as the options feed the DiT: t rounded to the scheduler's grid, under autocast (protocol.py)."""
+    if options.timesteps == "scheduler":
+        velocity = protocol.rounded_velocity(velocity, bb.kind)
+    if options.autocast is not None:
+        velocity = protocol.autocast_velocity(velocity, getattr(torch, options.autocast))
+    return velocity
+
+
+def encode(bb: backbones.Backbone, pixels: Tensor, options: RestoreOptions, tile: int | None = None) -> Tensor:
+    """The degraded latent: the posterior mean, or a draw seeded `options.vae_sample_seed`."""
+    if options.vae_sample_seed is None:
+        return bb.encode(pixels, tile=tile)
+    return bb.encode(pixels, tile=tile, sample_seed=options.vae_sample_seed)
 
 
 def tile_for(bb: backbones.Backbone, options: RestoreOptions) -> int:
@@ -232,12 +264,16 @@ def tiled_velocity(velocity: bridge.VelocityFn, tile: int, overlap: int) -> brid
 @torch.no_grad()
 def restore_image(bb: backbones.Backbone, velocity: bridge.VelocityFn, image: Tensor, options: RestoreOptions,
                   progress: ProgressFn | None = None) -> Tensor:
-    """image [3, H, W] in [0, 1] -> restored [3, H, W] in [0, 1] (CPU). Larger than the tile: tiled throughout."""
+    """image [3, H, W] in [0, 1] -> restored [3, H, W] in [0, 1] (CPU). Larger than the tile: tiled throughout.
+    With `options.size` the input is first resized to it and the result has that size."""
+    if options.size is not None:
+        image = protocol.resize_like_pil(image, options.size)
+    velocity = dit_velocity(bb, velocity, options)
     height, width = image.shape[-2:]
     tile = tile_for(bb, options)
     pixels = pad_to_16(image)[None] * 2 - 1
     large = max(pixels.shape[-2:]) > tile
-    y = bb.encode(pixels, tile=tile if large else None)
+    y = encode(bb, pixels, options, tile=tile if large else None)
     eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(options.seed)).to(y.device)
     latent_tile = tile // bb.vae.downscale  # image pixels per latent pixel
     velocity = tiled_velocity(velocity, latent_tile, defaults.tile_overlap(latent_tile)) if large else velocity
@@ -262,10 +298,10 @@ def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Ten
     """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU), from chunk `index`'s own
     starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream."""
     height, width = clip.shape[2:]
-    y = bb.encode(pad_to_16(clip)[None] * 2 - 1)
-    noise = torch.Generator().manual_seed(defaults.mix_seed(options.seed, index))
-    eps = torch.randn(y.shape, generator=noise).to(y.device)
-    x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
+    y = encode(bb, pad_to_16(clip)[None] * 2 - 1, options)
+    seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
+    eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
+    x0 = bridge.sample(dit_velocity(bb, velocity, options), y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
     return ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
 
 
@@ -275,7 +311,14 @@ def restore_video(bb: backbones.Backbone, velocity: bridge.VelocityFn, video: Te
 
     With several processes (`rank` of `world`) the chunks are shared out over the ranks and every rank returns
     the blended whole; `progress` counts this rank's model evaluations. For a video file, `restore_video_file`
-    does the same in a stream (memory bounded by the chunk)."""
+    does the same in a stream (memory bounded by the chunk). With `options.first_frames` only the first
+    min(F, first_frames) frames, cut to 4k+1, are restored in one pass; with `options.size` every frame is first
+    resized to it (the result has those frames and that size)."""
+    if options.first_frames is not None:
+        video = video[:, :defaults.clip_length_at_most(min(video.shape[1], options.first_frames))]
+        options = dataclasses.replace(options, chunk_frames=video.shape[1], chunk_overlap=0)
+    if options.size is not None:
+        video = protocol.resize_like_pil(video, options.size)
     length, starts = chunk_plan(video.shape[1], options.chunk_frames, options.chunk_overlap)
     mine = list(range(rank, len(starts), world))
     total = len(mine) * options.steps
@@ -316,11 +359,12 @@ def restore_video_file(bb: backbones.Backbone, velocity: bridge.VelocityFn, sour
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluation_items(path: Path) -> list[data.ManifestItem]:
+def evaluation_items(path: Path, relative_to: Path | None = None, lenient: bool = False) -> list[data.ManifestItem]:
     """The (degraded, clean) items of a JSON manifest or of a folder with degraded/ and clean/ (those have
-    degradation "unknown" and dataset "paired")."""
+    degradation "unknown" and dataset "paired"). `relative_to`, `lenient`: as `data.Manifest` (the authors'
+    manifests: their working directory, degradation optional)."""
     if path.suffix == ".json":
-        return data.Manifest(path, None).items
+        return data.Manifest(path, None, relative_to=relative_to, lenient=lenient).items
     return [data.ManifestItem(degraded, clean, "unknown", "paired") for clean, degraded in
             data.PairedFolders(path, None).pairs]
 
@@ -345,29 +389,49 @@ def item_name(item: data.ManifestItem) -> str:
     return item.degraded[0].parent.name if isinstance(item.degraded, list) else item.degraded.name
 
 
-def measure(pred: Tensor, target: Tensor, resize: int | None = None, lpips: metrics.LPIPS | None = None) -> dict:
+def measure(pred: Tensor, target: Tensor, resize: int | None = None, lpips: metrics.LPIPS | None = None,
+            paper: bool = False, dists: metrics.DISTS | None = None,
+            no_reference: dict[str, Callable[[Tensor], float]] | None = None) -> dict:
     """PSNR and SSIM (RGB and Y; metrics.py states the conventions) of pred against target, both [3, H, W] or
     videos [3, F, H, W] (the mean over frames); resized to `resize` x `resize` first when given (the paper's
-    512); LPIPS if its weights were loaded."""
+    512); LPIPS and DISTS if their weights were loaded. `paper`: also the authors' PSNR and SSIM (paper_psnr,
+    paper_ssim: float RGB, scikit-image's SSIM, at protocol.EVAL_SIZE by bicubic without antialias);
+    `no_reference` ({name: score(pred)}, metrics.no_reference) scores pred alone."""
+    row = {}
+    if paper:
+        video = True if pred.ndim == 4 else None
+        theirs = protocol.eval_resize(pred), protocol.eval_resize(target)
+        row = {"paper_psnr": metrics.paper_psnr(*theirs, video=video),
+               "paper_ssim": metrics.paper_ssim(*theirs, video=video)}
     if resize is not None:
         pred, target = metrics.resize_to(pred, resize), metrics.resize_to(target, resize)
     video = True if pred.ndim == 4 else None
-    row = {"psnr": metrics.psnr(pred, target, video=video), "ssim": metrics.ssim(pred, target, video=video),
+    row = {**row, "psnr": metrics.psnr(pred, target, video=video), "ssim": metrics.ssim(pred, target, video=video),
            "psnr_y": metrics.psnr(pred, target, channel="y", video=video),
            "ssim_y": metrics.ssim(pred, target, channel="y", video=video)}
     if lpips is not None:
         device = next(lpips.parameters()).device
         row["lpips"] = lpips.score(pred.to(device), target.to(device), video=video)
+    if dists is not None:
+        device = dists.alpha.device
+        row["dists"] = dists.score(pred.to(device), target.to(device), video=video)
+    for name, score in (no_reference or {}).items():
+        row[name] = score(pred)
     return row
 
 
 def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, item: data.ManifestItem,
                   options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
-                  progress: ProgressFn | None = None, bank: estimator.Bank | None = None) -> tuple[Tensor, dict]:
+                  progress: ProgressFn | None = None, bank: estimator.Bank | None = None, *, paper: bool = False,
+                  dists: metrics.DISTS | None = None, resize_mismatch: bool = False,
+                  no_reference: dict | None = None) -> tuple[Tensor, dict]:
     """Read an item, restore its degraded input and measure it: (restored, row). The row names the item and
     holds `measure`'s figures of the restoration and, as input_*, of the degraded input itself. With a prompt
     `bank` (`--prompt auto`; `velocity` None) the velocity is `blind_velocity`'s and the row records its
-    decision as "auto" {degradation: weight}."""
+    decision as "auto" {degradation: weight}. `paper`, `dists`: as `measure`. `resize_mismatch`: a degraded
+    input of another size than its target is resized to the target's (PIL bicubic) instead of refused. A video
+    restored on its first frames only (`options.first_frames`) is measured on those frames; a restoration of
+    another size than the target (`options.size`) needs `resize`."""
     if isinstance(item.degraded, list):
         degraded = media.read_clip(item.degraded, 0, len(item.degraded))
         clean = media.read_clip(item.clean, 0, len(item.clean))
@@ -376,26 +440,36 @@ def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, it
         degraded, clean = media.read_image(item.degraded), media.read_image(item.clean)
         restore = restore_image
     name = item_name(item)
+    if resize_mismatch and degraded.shape[:-2] == clean.shape[:-2] and degraded.shape != clean.shape:
+        degraded = protocol.resize_like_pil(degraded, tuple(clean.shape[-2:]))
+    if options.size is not None and resize is None:
+        raise ValueError(f"{name}: restored at another size than its target: measuring needs a resize (e.g. "
+                         f"{defaults.EVAL_RESIZE})")
     if degraded.shape != clean.shape:
         raise ValueError(f"{name}: input {list(degraded.shape)} and target {list(clean.shape)} differ in size")
     decided = None
     if bank is not None:
         velocity, decided = blind_velocity(bb, bank, degraded)
     restored = restore(bb, velocity, degraded, options, progress)
+    if restored.ndim == 4:  # the frames that were restored
+        degraded, clean = degraded[:, :restored.shape[1]], clean[:, :restored.shape[1]]
     row = {"name": name, "dataset": item.dataset, "degradation": item.degradation,
            **({"auto": decided} if decided is not None else {}),
-           **measure(restored, clean, resize, lpips),
-           **{f"input_{k}": v for k, v in measure(degraded, clean, resize, lpips).items()}}
+           **measure(restored, clean, resize, lpips, paper, dists, no_reference),
+           **{f"input_{k}": v for k, v in measure(degraded, clean, resize, lpips, paper, dists, no_reference).items()}}
     return restored, row
 
 
 def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, items: Sequence[data.ManifestItem],
              options: RestoreOptions, resize: int | None = None, lpips: metrics.LPIPS | None = None,
              images: Path | None = None, progress: Callable[[str], ProgressFn | None] | None = None,
-             rank: int = 0, world: int = 1, bank: estimator.Bank | None = None) -> list[dict]:
+             rank: int = 0, world: int = 1, bank: estimator.Bank | None = None, *, paper: bool = False,
+             dists: metrics.DISTS | None = None, resize_mismatch: bool = False,
+             no_reference: dict | None = None) -> list[dict]:
     """`evaluate_item` of every item, in order: the rows (every rank returns all of them; the items are shared
     out over the ranks). `images`: also write each restored image there as NAME.png. `progress(label)` makes
-    the progress callback of one item from its label ("name (3/10)")."""
+    the progress callback of one item from its label ("name (3/10)"). `paper`, `dists`, `resize_mismatch`,
+    `no_reference`: as `evaluate_item`."""
     rows = {}
     stems = distinct_stems([item.degraded[0].parent if isinstance(item.degraded, list) else item.degraded
                             for item in items], [item.dataset for item in items])
@@ -405,7 +479,9 @@ def evaluate(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, items: 
         label = f"{item_name(item)} ({number + 1}/{len(items)})"
         try:
             restored, rows[number] = evaluate_item(bb, velocity, item, options, resize, lpips,
-                                                   progress(label) if progress is not None else None, bank)
+                                                   progress(label) if progress is not None else None, bank,
+                                                   paper=paper, dists=dists, resize_mismatch=resize_mismatch,
+                                                   no_reference=no_reference)
         except ValueError as err:  # one unreadable or mismatched item: recorded, the others still measured
             reason = str(err) if str(item.degraded) in str(err) or str(item.clean) in str(err) else f"{label}: {err}"
             rows[number] = {"name": item_name(item), "dataset": item.dataset, "degradation": item.degradation,

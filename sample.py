@@ -17,6 +17,7 @@ This file is the command line; the restoration itself is restore.py.
 """
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -32,6 +33,7 @@ import defaults
 import estimator
 import media
 import metrics
+import protocol
 import restore
 import runtime
 import streaming
@@ -66,8 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "prompt (the no-learning baseline; also with the miniature)")
     g.add_argument("--text", help="text-prompting baseline: condition on this text instead of the empty prompt "
                    "(official snapshots only), e.g. 'a sharp, clean, high quality photo'")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on "
-                   "CPU); the VAE always runs in float32")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="DiT dtype (default: bfloat16 on "
+                   "GPU, float32 on CPU; float16 also runs the DiT under autocast, the authors' way); the VAE "
+                   "always runs in float32")
     g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE,
                    help="cache of text-encoder outputs (default: %(default)s)")
     g = p.add_argument_group("sampler")
@@ -76,7 +79,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--t0", type=float, default=defaults.T0, help="bridge start time T0 (default: %(default)s)")
     g.add_argument("--t-min", type=float, default=defaults.T_MIN, help="last time of the sampler "
                    "(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=defaults.SEED, help="seed of the starting noise (default: %(default)s)")
+    g.add_argument("--seed", type=int, help=f"seed of the starting noise (default: {defaults.SEED}; "
+                   f"--protocol paper: {protocol.PAPER_SEED})")
+    g = p.add_argument_group("protocol (protocol.py: ours by default; --protocol paper sets every part below, "
+                             "each part's flag overrides it)")
+    g.add_argument("--protocol", choices=sorted(protocol.PROTOCOLS), default="ours", help="ours: native sizes, "
+                   "all frames, continuous t; paper: the authors' inference and evaluation protocol")
+    g.add_argument("--size-policy", choices=["native", "paper"], help="native: keep the input's size; paper: "
+                   "resize to 1024x1024 (FLUX) / 480x832 (Wan), PIL bicubic, aspect not kept, output at that size")
+    g.add_argument("--first-frames", type=int, metavar="N", help="videos: restore only the first min(n, N) "
+                   f"frames (cut to 4k+1) in one pass (paper: {protocol.PAPER_FRAMES})")
+    g.add_argument("--timesteps", choices=["continuous", "scheduler"], help="the time fed to the DiT: continuous, "
+                   "or rounded to the scheduler's grid (FLUX k/1000 in float16, Wan UniPC integers)")
+    g.add_argument("--vae-sample", action="store_true", default=None, help="encode with a posterior draw "
+                   f"(latent_dist.sample(), generator seeded {protocol.PAPER_VAE_SEED}) instead of the mean")
+    g.add_argument("--fixed-noise", action="store_true", default=None, help="the same starting noise (--seed) on "
+                   "every call, every video chunk included")
+    g.add_argument("--manifest-paths", choices=["manifest", "cwd"], help="evaluation: manifest paths relative to "
+                   "the manifest's folder, or to the working directory (the authors' manifests)")
+    g.add_argument("--lenient-manifest", action="store_true", default=None, help="evaluation: `degradation` "
+                   "optional, a degraded input of another size than its target resized to it")
+    g.add_argument("--paper-metrics", action="store_true", default=None, help="evaluation: also the authors' PSNR "
+                   "(float RGB) and SSIM (scikit-image's default) at 512x512, bicubic without antialias")
     g = p.add_argument_group("size")
     g.add_argument("--tile", type=int, help="restore images larger than TILE x TILE pixels in overlapping tiles "
                    f"(multiple of 32; default: {defaults.TILE} for FLUX, {defaults.SMALL_TILE} for the miniatures "
@@ -92,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resize-512", action="store_true", help=f"evaluation: resize prediction and target to "
                    f"{defaults.EVAL_RESIZE}x{defaults.EVAL_RESIZE} before measuring (the paper's protocol)")
     g.add_argument("--save-images", action="store_true", help="evaluation: also write the restored images")
+    g.add_argument("--no-reference", action="append", metavar="NAME", help="evaluation: a no-reference metric "
+                   "of the optional package pyiqa, e.g. clipiqa+, musiq (repeatable; refused when pyiqa is absent)")
+    g.add_argument("--dists-weights", type=Path, action="append", help="evaluation: DISTS weight file(s), see "
+                   "metrics.load_dists (DISTS is skipped without them, never computed with random weights)")
     g.add_argument("--lpips-weights", type=Path, action="append", help="evaluation: LPIPS weight file(s), see "
                    "metrics.load_lpips (repeatable; LPIPS is skipped without them, never computed with random weights)")
     args = p.parse_args(argv)
@@ -114,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--bank goes with --prompt auto")
     if args.prompt == ["auto"] and args.text is not None:
         p.error("--prompt auto and --text exclude each other")
+    apply_protocol(args)
+    if args.no_reference and importlib.util.find_spec("pyiqa") is None:
+        p.error("--no-reference needs the optional package pyiqa (pip install pyiqa), which is not installed")
+    if args.eval is not None and args.size_policy == "paper" and not args.resize_512:
+        p.error("--size-policy paper restores at another size than the targets: --eval then needs --resize-512")
     try:
         args.options = restore_options(args)
     except ValueError as err:
@@ -121,9 +154,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def restore_options(args: argparse.Namespace) -> restore.RestoreOptions:
+def apply_protocol(args: argparse.Namespace) -> None:
+    """Fill every protocol part the user did not give from the --protocol table (protocol.PROTOCOLS)."""
+    chosen = protocol.PROTOCOLS[args.protocol]
+    parts = {"size_policy": chosen.size_policy, "first_frames": chosen.first_frames, "timesteps": chosen.timesteps,
+             "dtype": chosen.dtype, "vae_sample": chosen.vae_sample_seed is not None,
+             "fixed_noise": chosen.fixed_noise_seed is not None, "manifest_paths": chosen.manifest_paths,
+             "lenient_manifest": chosen.lenient_manifests, "paper_metrics": chosen.eval_paper_metrics,
+             "seed": chosen.fixed_noise_seed if chosen.fixed_noise_seed is not None else defaults.SEED}
+    for name, value in parts.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.resize_512 = args.resize_512 or chosen.eval_paper_metrics
+
+
+def restore_options(args: argparse.Namespace, kind: str | None = None) -> restore.RestoreOptions:
+    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known)."""
+    size = protocol.PAPER_SIZE[kind] if args.size_policy == "paper" and kind is not None else None
     return restore.RestoreOptions(steps=args.steps, t0=args.t0, t_min=args.t_min, seed=args.seed, tile=args.tile,
-                                  chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap)
+                                  chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, size=size,
+                                  first_frames=args.first_frames, timesteps=args.timesteps,
+                                  autocast="float16" if args.dtype == "float16" else None,
+                                  vae_sample_seed=protocol.PAPER_VAE_SEED if args.vae_sample else None,
+                                  fixed_noise=args.fixed_noise)
 
 
 IMAGE_OUTPUTS = (".png", ".jpg", ".jpeg")  # what media.write_image writes
@@ -183,7 +236,7 @@ def choose_backbone(args: argparse.Namespace) -> tuple[backbones.Spec, Path | No
 
 def is_video_manifest(path: Path | None) -> bool:
     """Whether an --eval manifest lists videos (lists of frame paths) rather than images."""
-    return path is not None and path.suffix == ".json" and isinstance(data.Manifest(path, None).items[0].degraded, list)
+    return path is not None and path.suffix == ".json" and isinstance(data.Manifest(path, None, lenient=True).items[0].degraded, list)
 
 
 def describe(bb: backbones.Backbone, files: list[Path], metas: list[dict], words: str | None) -> str:
@@ -286,7 +339,8 @@ def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
 
 
 def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
-    if args.video.is_file() and world == 1:  # a stream: memory bounded by one chunk, whatever the clip's length
+    whole = args.options.first_frames is None and args.options.size is None  # else: the first frames, resized
+    if args.video.is_file() and world == 1 and whole:  # a stream: memory bounded by one chunk, whatever the length
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         info = streaming.probe(args.video)
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
@@ -299,6 +353,8 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         return
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
+    if args.options.first_frames is not None:  # one pass over the first frames
+        length, starts = defaults.clip_length_at_most(min(video.frames.shape[1], args.options.first_frames)), [0]
     if bank is not None:
         velocity = decide(bb, bank, video.frames, args.video.name)
     progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)", enabled=rank == 0)
@@ -313,19 +369,25 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
 
 def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     """Restore every item of a manifest or paired folder and measure it; rank 0 writes the results."""
-    items = restore.evaluation_items(args.eval)
+    items = restore.evaluation_items(args.eval, Path.cwd() if args.manifest_paths == "cwd" else None,
+                                     args.lenient_manifest)
     out_dir = args.output or Path("results")
     runtime.clean_stale_temp(out_dir)
     runtime.clean_stale_temp(out_dir / "images")
     lpips = metrics.load_lpips(args.lpips_weights, device=bb.device) if args.lpips_weights else None
+    dists = metrics.load_dists(args.dists_weights, device=bb.device) if args.dists_weights else None
+    no_reference = metrics.no_reference(args.no_reference, bb.device) if args.no_reference else None
     rows = restore.evaluate(bb, velocity, items, args.options, defaults.EVAL_RESIZE if args.resize_512 else None,
                             lpips, out_dir / "images" if args.save_images else None,
-                            lambda label: Progress(label, enabled=rank == 0), rank, world, bank)
+                            lambda label: Progress(label, enabled=rank == 0), rank, world, bank,
+                            paper=args.paper_metrics, dists=dists, resize_mismatch=args.lenient_manifest,
+                            no_reference=no_reference)
     failed = [row for row in rows if "error" in row]
     if rank == 0:
         summary = metrics.summarise([row for row in rows if "error" not in row])
         keys = ("backbone", "flux", "wan", "preset", "prompt", "text", "steps", "t0", "t_min", "seed", "tile",
-                "resize_512")
+                "resize_512", "protocol", "size_policy", "first_frames", "timesteps", "dtype", "vae_sample",
+                "fixed_noise", "manifest_paths", "lenient_manifest", "paper_metrics")
         settings = runtime.record({k: v for k, v in vars(args).items() if k in keys})
         with runtime.atomic_file(out_dir / "results.json") as tmp:
             tmp.write_text(json.dumps({"summary": summary, "items": rows, "settings": settings}, indent=1))
@@ -351,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_paths(args)
         spec, folder = choose_backbone(args)
+        args.options = restore_options(args, spec.kind)
         auto = bank_file(args, spec, folder) if args.prompt == ["auto"] else None
         files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt) if auto is None else []
         if args.text is not None:

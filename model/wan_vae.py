@@ -348,9 +348,10 @@ class WanVAE(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device)
         return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
-    def encode(self, video: Tensor) -> Tensor:
+    def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """video [B, 3, F, H, W] in [-1, 1], F = 4k + 1, H and W multiples of 8
-        -> normalised latent [B, z_dim, k + 1, H/8, W/8], float32 (the posterior mean; no sampling).
+        -> normalised latent [B, z_dim, k + 1, H/8, W/8], float32 (the posterior mean; with `sample=True` a draw
+        mu + exp(log_var / 2) * noise, noise from `generator`, normalised the same way).
 
         The encoder sees frame 0, then 4 frames at a time, remembering the causal context in between.
         """
@@ -361,7 +362,10 @@ class WanVAE(nn.Module):
         latents = [self.encoder(video[:, :, :1], cache)]
         for start in range(1, video.shape[2], step):
             latents.append(self.encoder(video[:, :, start : start + step], cache))
-        mu, _log_var = self.conv1(torch.cat(latents, dim=2)).chunk(2, dim=1)
+        mu, log_var = self.conv1(torch.cat(latents, dim=2)).chunk(2, dim=1)
+        if sample:
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            mu = mu + torch.exp(0.5 * log_var.clamp(-30.0, 20.0)) * noise
         return self.normalize(mu)
 
     def decode(self, latent: Tensor) -> Tensor:
