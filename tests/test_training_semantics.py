@@ -132,11 +132,12 @@ def test_train_py_latent_cache_refuses_another_data_set_up(tmp_path):
 def test_a_prompt_trained_on_a_pair_moves_the_restoration_toward_the_clean_target(tmp_path):
     """One haze pair (a 32x32 crop of a held-out photo, cached, so every step sees the same pair), a deep prompt
     trained for 30 steps on the frozen miniature; the restored latent must get closer to the clean latent, and
-    its change must point from Y toward X0 (a prompt trained on swapped pairs moves it away)."""
+    its change must point from Y toward X0. Measured on the miniature of 1 Dec: MSE x 0.70, 0.33 of the way from
+    Y to X0; trained on swapped pairs: x 1.51, -0.29."""
     clean = media.read_image(MINI / "heldout" / "coffee.png")[:, :32, :32]  # the whole crop: no random offset
     cache = tmp_path / "latents"
     bb = backbone.load_miniature(MINI)
-    options = training.TrainOptions(prompt_len=16, steps=30, batch=2, lr=0.05, log_every=1000)
+    options = training.TrainOptions(prompt_len=16, steps=30, batch=2, lr=0.2, log_every=1000)
     trained = training.train(bb, data.Synthetic([clean], "haze", (32, 32)), options, tmp_path / "run",
                              latent_cache=cache)
     x0 = bb.encode(clean[None] * 2 - 1)  # the clean target, encoded here
