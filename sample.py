@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"sample.py: warning: {warning}", file=sys.stderr)
         run = run_image if args.image is not None else run_video if args.video is not None else run_eval
         run(args, bb, velocity, rank, world, bank)
-    except (ValueError, FileNotFoundError, weights.CheckpointError) as err:
+    except (ValueError, OSError, weights.CheckpointError) as err:  # OSError: a full disk, a vanished folder, ...
         sys.exit(f"sample.py: error: {err}")
     finally:
         runtime.close_distributed()

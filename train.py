@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         training.train(bb, dataset, options, args.out, resume=args.resume, latent_cache=args.latent_cache,
                        cache_identity=identity, record=runtime.record(vars(args)),
                        metadata={"degradation": args.degradation}, rank=rank, world=world)
-    except (ValueError, FileNotFoundError, FloatingPointError, weights.CheckpointError) as err:
+    except (ValueError, OSError, FloatingPointError, weights.CheckpointError) as err:  # OSError: a full disk, ...
         sys.exit(f"train.py: error: {err}")
     except training.Stopped as stop:
         sys.exit(f"train.py: {stop}")

@@ -185,7 +185,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as err:  # e.g. a full disk: an OSError like any other failed write
+            raise OSError(f"{path}: cannot be written ({err})") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -401,3 +401,23 @@ def test_weights_show_lists_tensors_and_refuses_a_missing_file_in_one_line(tmp_p
     done = subprocess.run([sys.executable, "weights.py", "show", str(tmp_path / "no.safetensors")], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "no such checkpoint" in one_error_line(done.stderr)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(weights, "save_file", full)
+    code, err = run_train(capsys, *TINY, "--steps", 1, "--out", tmp_path / "run")
+    assert code != 0 and "No space left" in one_error_line(err)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.suffix == ".safetensors" or ".tmp" in p.name]
+
+    def full_image(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    source = picture(tmp_path / "in.png")
+    monkeypatch.setattr(Image.Image, "save", full_image)
+    code, err = run_sample(capsys, "--preset", "tiny", "--image", source, "--steps", 1, "-o", tmp_path / "o.png")
+    assert code != 0 and "No space left" in one_error_line(err) and not (tmp_path / "o.png").exists()
