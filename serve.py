@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import backbone as backbones
 import defaults
+import estimator
 import media
 import restore
 import runtime
@@ -67,13 +68,15 @@ class RequestError(Exception):
 @dataclass
 class Model:
     """One loaded backbone and its prompt choices: name -> velocity ("none": the plain model; "all": the
-    average of every loaded prompt's velocity), plus whether text prompting is possible."""
+    average of every loaded prompt's velocity), "auto" when it has a prompt bank (the bank's estimator decides
+    per input, restore.blind_velocity), and whether text prompting is possible."""
 
     bb: backbones.Backbone
     velocities: dict
     default: str
     text: bool
     text_cache: Path | None = None
+    bank: estimator.Bank | None = None
 
     def velocity(self, choice: str, words: str):
         if choice == "text":
@@ -91,12 +94,14 @@ class Model:
         return self.velocities[choice]
 
     def describe(self) -> dict:
-        return {"name": self.bb.name, "config": self.bb.config, "prompts": list(self.velocities),
+        return {"name": self.bb.name, "config": self.bb.config,
+                "prompts": (["auto"] if self.bank is not None else []) + list(self.velocities),
                 "default": self.default, "text": self.text}
 
 
-def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | None = None) -> Model:
-    """The prompt choices of `bb` from its prompt files (loaded and checked once, here)."""
+def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | None = None,
+               bank: Path | None = None) -> Model:
+    """The prompt choices of `bb` from its prompt files and prompt bank (loaded and checked once, here)."""
     loaded = restore.load_prompts(files, bb)
     modules = [prompt for prompt, _ in loaded]
     velocities = {"none": restore.velocity_for(bb)}
@@ -111,8 +116,8 @@ def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | Non
         text = False
     if text and bb.spec.source == "miniature":  # a miniature's words come from the vocabulary it records
         text = bool(json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary"))
-    default = "all" if len(modules) > 1 else files[0].stem if files else "none"
-    return Model(bb, velocities, default, text, text_cache)
+    default = "auto" if bank is not None else "all" if len(modules) > 1 else files[0].stem if files else "none"
+    return Model(bb, velocities, default, text, text_cache, restore.load_bank(bank, bb) if bank is not None else None)
 
 
 @dataclass
@@ -133,12 +138,13 @@ class Job:
     finished: float | None = None
     files: list = field(default_factory=list)  # names from FILE_TYPES this job wrote
     cancel: bool = False
+    decided: str | None = None  # "auto": what the estimator chose, e.g. "haze 0.86, lowlight 0.14"
 
     def public(self, position: int | None) -> dict:
         elapsed = (self.finished or time.time()) - self.started if self.started else 0.0
         eta = elapsed / self.done * (self.total - self.done) if self.done and self.state == "running" else None
         return {"id": self.id, "kind": self.kind, "label": self.label, "state": self.state, "error": self.error,
-                "prompt": self.prompt, "steps": self.options.steps, "t0": self.options.t0,
+                "prompt": self.prompt, "auto": self.decided, "steps": self.options.steps, "t0": self.options.t0,
                 "done": self.done, "total": self.total, "elapsed": round(elapsed, 2),
                 "eta": None if eta is None else round(eta, 2), "position": position,
                 "files": {name: f"/files/{self.id}/{name}" for name in self.files}}
@@ -169,15 +175,16 @@ class Jobs:
                 raise RequestError(400, f"{model.bb.name} has no text prompting")
             if not words.strip():
                 raise RequestError(400, "text prompting needs some text")
-        elif prompt not in model.velocities:
-            raise RequestError(400, f"unknown prompt {prompt!r}; {model.bb.name} has {list(model.velocities)}")
+        elif prompt not in model.velocities and not (prompt == "auto" and model.bank is not None):
+            raise RequestError(400, f"unknown prompt {prompt!r}; {model.bb.name} has {model.describe()['prompts']}")
         job = Job(upload.parent.name, kind, label, upload.parent, prompt, words, options)
         if kind == "image":
             media.write_image(job.folder / "input.png", pixels)
             job.files.append("input.png")
-        with self.lock:
+        with self.lock:  # its place in the queue and its time stamp together: `created` orders the jobs
+            job.created = time.time()
             self.jobs[job.id] = job
-        self.pending.put(job.id)
+            self.pending.put(job.id)
         return job
 
     def _decode(self, upload: Path) -> tuple[str, torch.Tensor | None]:
@@ -270,7 +277,14 @@ class Jobs:
 
     def _run(self, job: Job) -> None:
         model = self.models[job.kind]
-        velocity = model.velocity(job.prompt, job.text)
+        velocity = model.velocity(job.prompt, job.text) if job.prompt != "auto" else None
+
+        def decide(degraded: torch.Tensor):
+            if velocity is not None:
+                return velocity
+            chosen, decided = restore.blind_velocity(model.bb, model.bank, degraded)
+            job.decided = estimator.describe_weights(decided)
+            return chosen
 
         def progress(done: int, total: int) -> None:
             if job.cancel:
@@ -280,7 +294,7 @@ class Jobs:
         job.total = job.options.steps
         if job.kind == "image":
             image = media.read_image(job.folder / "input.png")
-            restored = restore.restore_image(model.bb, velocity, image, job.options, progress)
+            restored = restore.restore_image(model.bb, decide(image), image, job.options, progress)
             media.write_image(job.folder / "output.png", restored)
             job.files.append("output.png")
             return
@@ -290,7 +304,8 @@ class Jobs:
         job.total = len(starts) * job.options.steps
         media.write_video(job.folder / "input.mp4", video.frames, video.fps)
         job.files.append("input.mp4")
-        restored = restore.restore_video(model.bb, velocity, video.frames, job.options, progress)
+        chosen = decide(video.frames[:, :length])  # auto: decided on the first chunk's frames, as sample.py does
+        restored = restore.restore_video(model.bb, chosen, video.frames, job.options, progress)
         media.write_video(job.folder / "output.mp4", restored, video.fps, audio_from=upload if video.has_audio else None)
         media.write_image(job.folder / "strip.png", frame_strip(video.frames, restored))
         job.files += ["output.mp4", "strip.png"]
@@ -493,6 +508,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt", action="append", default=[], metavar="FILE", help="learned prompt file for the "
                    "backbone of its kind (repeatable); with a miniature also a shipped prompt's name. Default: a "
                    "miniature's shipped prompts; each is a choice on the page, with 'all' (their average) and 'none'")
+    g.add_argument("--bank", type=Path, action="append", default=[], metavar="FILE", help="prompt bank "
+                   "(estimator.py) for the 'auto' choice of the backbone of its kind (default: a miniature's "
+                   f"prompts/{estimator.BANK_NAME} when it ships one); 'auto' is then the page's default")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on "
                    "CPU)")
     g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE, help="cache of text-encoder outputs "
@@ -560,21 +578,40 @@ def prompts_of(args: argparse.Namespace, chosen: dict) -> dict:
     return files
 
 
+def banks_of(args: argparse.Namespace, chosen: dict) -> dict:
+    """{kind: prompt bank file or None}: each --bank goes to the backbone kind its prompts were trained for; a
+    miniature without one gets its shipped bank when there is one."""
+    banks = {kind: None for kind in chosen}
+    for path in args.bank:
+        kind = next((k for k, (spec, _) in chosen.items()
+                     if estimator.load_bank(path).prompts[0][1]["backbone"] == spec.kind), None)
+        if kind is None or banks[kind] is not None:
+            raise ValueError(f"--bank {path}: " + ("a second bank for the same backbone" if kind else
+                                                   "its prompts are for none of the loaded backbones"))
+        banks[kind] = path
+    for kind, (spec, folder) in chosen.items():
+        shipped = folder / "prompts" / estimator.BANK_NAME if spec.source == "miniature" else None
+        if banks[kind] is None and shipped is not None and shipped.is_file():
+            banks[kind] = shipped
+    return banks
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = None
     try:
         chosen = choose_backbones(args)
-        files = prompts_of(args, chosen)
+        files, banks = prompts_of(args, chosen), banks_of(args, chosen)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = runtime.default_dtype(device, args.dtype)
         models = {}
         for kind, (spec, folder) in chosen.items():
             bb = backbones.load(spec.name, folder, dtype, device, args.text_cache,
                                 restore.needs_text_encoders(files[kind]))
-            models[kind] = make_model(bb, files[kind], args.text_cache)
-            print(f"{kind}s: {bb.name} ({bb.config}), prompts: {', '.join(models[kind].velocities)}"
-                  + (", text" if models[kind].text else ""), file=sys.stderr)
+            models[kind] = make_model(bb, files[kind], args.text_cache, banks[kind])
+            print(f"{kind}s: {bb.name} ({bb.config}), prompts: {', '.join(models[kind].describe()['prompts'])}"
+                  + (f" (auto: {banks[kind]})" if banks[kind] else "") + (", text" if models[kind].text else ""),
+                  file=sys.stderr)
         root = Path(tempfile.mkdtemp(prefix="restore-serve-"))
         jobs = Jobs(models, root, int(args.max_storage_mb * 2**20), args.max_frames)
         server = Server((args.host, args.port), jobs, root, int(args.max_upload_mb * 2**20))

@@ -27,7 +27,9 @@ from PIL import Image
 
 import backbone
 import data
+import estimator
 import media
+import prompts
 import restore
 import serve
 import streaming
@@ -209,7 +211,9 @@ def test_malformed_requests_never_stop_the_server(server):
         with socket.create_connection(server.server_address[:2], timeout=30) as sock:
             sock.sendall(raw)
             sock.shutdown(socket.SHUT_WR)
-            reply = sock.recv(65536)  # (an unparseable request line is answered HTTP/0.9 style: no status line)
+            reply = b""  # (an unparseable request line is answered HTTP/0.9 style: no status line)
+            while chunk := sock.recv(65536):  # the server closes the connection after an error
+                reply += chunk
             assert b'{"error": ' in reply, (raw, reply)
     assert request(server, "DELETE", "/api/jobs")[0] == 501
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
@@ -276,6 +280,38 @@ def test_storage_cap_evicts_the_oldest_results(models):
         assert not (server.root / first["id"]).exists()
         assert "evicted" in wait(server, first["id"])["error"]
         assert request(server, "GET", second["files"]["output.png"])[0] == 200
+    finally:
+        stop_server(server)
+
+
+def test_auto_restores_with_the_estimators_decision(tmp_path):
+    bb = backbone.load("tiny-flux")
+    files = []
+    for i, name in enumerate(["noise", "haze", "lowlight"]):  # deep prompts with non-zero gates: each one matters
+        torch.manual_seed(10 + i)
+        prompt = bb.new_prompt("deep", 4)
+        with torch.no_grad():
+            prompt.prompts.normal_(0, 1)
+            prompt.alphas.fill_(0.5)
+        files.append(tmp_path / f"{name}.safetensors")
+        prompts.save_prompt(prompt, files[-1], {"backbone": "flux", "config": bb.config, "site": "deep",
+                                                "degradation": name, "t0": 0.4})
+    torch.manual_seed(0)
+    estimator.save_bank(tmp_path / "bank.safetensors", files,
+                        estimator.Estimator(["noise", "haze", "lowlight"], size=32, detail=32, width=8))
+    model = serve.make_model(bb, [], bank=tmp_path / "bank.safetensors")
+    assert model.describe()["prompts"] == ["auto", "none"] and model.default == "auto"
+    server = start_server({"image": model})
+    try:
+        image = (data.toy_images(1, 32, 48, seed=5)[0] * 255).round() / 255
+        job = wait(server, upload(server, png(image), steps=2)["id"])  # no choice: the default, auto
+        assert job["state"] == "done" and job["prompt"] == "auto", job
+        velocity, decided = restore.blind_velocity(bb, model.bank, image)
+        assert job["auto"] == estimator.describe_weights(decided)
+        status, body = request(server, "GET", job["files"]["output.png"])
+        restored = torch.from_numpy(np.array(Image.open(io.BytesIO(body)))).permute(2, 0, 1).float() / 255
+        expected = restore.restore_image(bb, velocity, image, restore.RestoreOptions(steps=2))
+        assert (restored - expected).abs().max() <= 1 / 255 + 1e-6
     finally:
         stop_server(server)
 
