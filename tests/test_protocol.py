@@ -271,6 +271,16 @@ def test_image_protocol_paper_is_the_parts_together(tmp_path):
     assert media.read_image(tmp_path / "c.png").shape == (3, 40, 56)
 
 
+@pytest.mark.slow
+def test_protocol_paper_on_the_miniature(tmp_path):
+    """The shipped image miniature under --protocol paper: a 40 x 56 input comes back 1024 x 1024, float16 on a CPU."""
+    image = tmp_path / "x.png"
+    media.write_image(image, data.toy_images(1, 40, 56, seed=1)[0])
+    cli("--image", image, "--protocol", "paper", "--no-prompt", "--steps", "1", "-o", tmp_path / "out.png")
+    out = media.read_image(tmp_path / "out.png")
+    assert out.shape == (3, 1024, 1024) and 0.02 < out.std() and torch.isfinite(out).all()
+
+
 # ---------------------------------------------------------------------------------------------- FLUX prompts
 
 
