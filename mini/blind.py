@@ -16,7 +16,8 @@ image the restorations (PSNR, 20 steps, T0 0.4, seed 0) with
            second pass, `--uniform`, adds it to the records)
   all      the all-in-one prompt, trained on the mixture of every degradation (mini/prompts/all.safetensors)
 Cases are visited image-major (every case's first image, then every case's second, ...), and the results are
-rewritten after each, so a run stopped early still covers every case. Writes mini/runs/blind/records.json and
+rewritten after each, so a run stopped early still covers every case (and a new run resumes it: delete the
+records for another bank). Writes mini/runs/blind/records.json and
 the markdown table (`--table`).
 """
 
@@ -103,9 +104,12 @@ def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, 
                 tmp.write_text(json.dumps(records, indent=1))
             print(f"{record['case']} {record['image']}: uniform {record['uniform']:.2f}", flush=True)
         return records
-    records = []
+    records = json.loads(out.read_text()) if out.exists() else []  # a stopped run resumes (same bank!)
+    done = {(r["case"], r["image"]) for r in records}
     for i, (name, clean) in enumerate(pool):
         for case, names in enumerate(cases()):
+            if ("+".join(names), name) in done:
+                continue
             x = degraded_input(clean, names, case, i)
             record = {"case": "+".join(names), "image": name, "input": restore.measure(x, clean)["psnr"]}
             timer = time.time()
