@@ -13,7 +13,7 @@ image the restorations (PSNR, 20 steps, T0 0.4, seed 0) with
   auto     the bank's estimator's prompts and weights (when it decides the single correct prompt, the named
            restoration is reused: the computation is the same)
   uniform  all the bank's prompts averaged (the default before issue 15; six evaluations a step, so a
-           second pass, `--uniform`, adds it to the records)
+           second pass, `--fill uniform`, adds it to the records; `--fill all` likewise)
   all      the all-in-one prompt, trained on the mixture of every degradation (mini/prompts/all.safetensors)
 Cases are visited image-major (every case's first image, then every case's second, ...), and the results are
 rewritten after each, so a run stopped early still covers every case (and a new run resumes it: delete the
@@ -78,9 +78,10 @@ def accuracy_table(est: estimator.Estimator, eval_folder: Path, count: int | Non
 
 
 def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, out: Path,
-                    uniform: bool) -> list[dict]:
-    """The records of `restore` (written to `out` after each), or with `uniform`, the uniform average's PSNR
-    added to the records in `out` that lack it (six model evaluations a step: a second, optional pass)."""
+                    fill: str | None = None, fill_out: Path | None = None) -> list[dict]:
+    """The records of `restore` (written to `out` after each), or with `fill` ("uniform" or "all"), that row's
+    PSNR for the records in `out` that lack it, written to `fill_out` (a second pass, which may run beside
+    another: the uniform average costs six model evaluations a step)."""
     bb = backbone.load_miniature(MINI)
     bank = restore.load_bank(bank_path, bb)
     named = {n: p for n, (p, _) in zip(bank.names, bank.prompts)}
@@ -90,19 +91,19 @@ def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, 
     if all_path.exists():
         rows["all"] = restore.velocity_for(bb, [restore.load_prompts([all_path], bb)[0][0]])
     pool = crops(eval_folder, count)
-    if uniform:
+    if fill is not None:
         records = json.loads(out.read_text())
-        average = restore.velocity_for(bb, list(named.values()))
+        average = restore.velocity_for(bb, list(named.values())) if fill == "uniform" else rows[fill]
         for record in records:
-            if "uniform" in record:
+            if fill in record:
                 continue
             case = [tuple(c) for c in cases()].index(tuple(record["case"].split("+")))
             i, clean = next((i, c) for i, (n, c) in enumerate(crops(eval_folder)) if n == record["image"])
             x = degraded_input(clean, tuple(record["case"].split("+")), case, i)
-            record["uniform"] = restore.measure(restore.restore_image(bb, average, x, options), clean)["psnr"]
-            with runtime.atomic_file(out) as tmp:
+            record[fill] = restore.measure(restore.restore_image(bb, average, x, options), clean)["psnr"]
+            with runtime.atomic_file(fill_out or out) as tmp:
                 tmp.write_text(json.dumps(records, indent=1))
-            print(f"{record['case']} {record['image']}: uniform {record['uniform']:.2f}", flush=True)
+            print(f"{record['case']} {record['image']}: {fill} {record[fill]:.2f}", flush=True)
         return records
     records = json.loads(out.read_text()) if out.exists() else []  # a stopped run resumes (same bank!)
     done = {(r["case"], r["image"]) for r in records}
@@ -148,9 +149,10 @@ def restore_table(records: list[dict]) -> str:
     lines = ["| input | images | degraded | auto | named (correct) | named, each alone | uniform (6) | all-in-one "
              "| auto decided exactly |", "|---|---|---|---|---|---|---|---|---|"]
 
-    def mean(rows, key):
+    def mean(rows, key):  # over the records that have the row; "(n of m)" when not all have it
         values = [r[key] for r in rows if key in r]
-        return f"{sum(values) / len(values):.2f}" if values else "-"
+        partial = f" ({len(values)} of {len(rows)})" if 0 < len(values) < len(rows) else ""
+        return f"{sum(values) / len(values):.2f}{partial}" if values else "-"
 
     groups = {}
     for r in records:
@@ -183,7 +185,10 @@ def main() -> None:
     p.add_argument("--count", type=int, help="images per case (default: restore 2, accuracy all 28)")
     p.add_argument("--steps", type=int, default=defaults.STEPS)
     p.add_argument("--records", type=Path, default=MINI / "runs" / "blind" / "records.json")
-    p.add_argument("--uniform", action="store_true", help="restore: add the uniform average to the records")
+    p.add_argument("--fill", choices=["uniform", "all"], help="restore: add this row to the records, written to "
+                   "--fill-out")
+    p.add_argument("--fill-out", type=Path)
+    p.add_argument("--merge", type=Path, nargs="*", default=[], help="table: records files whose rows are added")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -192,10 +197,15 @@ def main() -> None:
         print(accuracy_table(est, args.eval, args.count))
     elif args.command == "restore":
         args.records.parent.mkdir(parents=True, exist_ok=True)
-        restore_records(args.bank, args.eval, args.count or 2, args.steps, args.records, args.uniform)
+        restore_records(args.bank, args.eval, args.count or 2, args.steps, args.records,
+                        args.fill, args.fill_out)
         print(restore_table(json.loads(args.records.read_text())))
     else:
-        print(restore_table(json.loads(args.records.read_text())))
+        records = json.loads(args.records.read_text())
+        for extra in args.merge:
+            more = {(r["case"], r["image"]): r for r in json.loads(extra.read_text())}
+            records = [{**more.get((r["case"], r["image"]), {}), **r} for r in records]
+        print(restore_table(records))
 
 
 if __name__ == "__main__":
