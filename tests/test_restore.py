@@ -130,8 +130,8 @@ def test_tile_defaults_to_the_backbone_table():
 
 def test_prompt_files_by_shipped_name_default_and_none():
     spec = backbone.BACKBONES["mini-flux"]
-    shipped = sorted((spec.folder / "prompts").glob("*.safetensors"))
-    assert shipped and restore.prompt_files([], spec, spec.folder) == shipped  # the miniature's default: all
+    all_in_one = spec.folder / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"
+    assert all_in_one.is_file() and restore.prompt_files([], spec, spec.folder) == [all_in_one]  # the default
     assert restore.prompt_files(["haze"], spec, spec.folder) == [spec.folder / "prompts" / "haze.safetensors"]
     assert restore.prompt_files([], spec, spec.folder, none=True) == []
     assert restore.prompt_files([], backbone.BACKBONES["tiny-flux"], None) == []  # not a miniature: no prompt

@@ -176,7 +176,7 @@ def test_backbone_by_name_is_the_same_backbone(tmp_path, inputs):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--text", "a photo"], "--text needs an official snapshot"),
+    (["--preset", "tiny", "--text", "a photo"], "--text needs an official snapshot"),
     (["--tile", "100"], "multiple of 32"),
     (["--chunk-frames", "8"], "4k\\+1"),
 ])
