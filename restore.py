@@ -116,9 +116,9 @@ def prompt_files(requested: Sequence[str], spec: backbones.Spec, folder: Path | 
     """The prompt files a request names, before any model is loaded.
 
     A path is itself. With a miniature (`spec.source` "miniature", loaded from `folder`) a bare name ("haze")
-    is one of its shipped prompts, folder/prompts/NAME.safetensors. Nothing requested: a miniature's default,
-    all its shipped prompts (velocities averaged); no prompt for the other backbones (the plain pre-trained
-    model). `none`: no prompt at all (the no-learning baseline)."""
+    is one of its shipped prompts, folder/prompts/NAME.safetensors. Nothing requested: a miniature's default, its
+    all-in-one prompt (`defaults.ALL_IN_ONE`, trained on the mixture of every degradation, so it needs no name), or,
+    without one, all its shipped prompts (velocities averaged); no prompt for the other backbones (the plain pre-trained model). `none`: no prompt at all."""
     if none:
         return []
     shipped = sorted(p for p in (folder / "prompts").glob("*.safetensors") if p.name != estimator.BANK_NAME) \
@@ -131,7 +131,10 @@ def prompt_files(requested: Sequence[str], spec: backbones.Spec, folder: Path | 
             if not path.is_file():
                 raise ValueError(f"no shipped miniature prompt named {file!r}; shipped: {[p.stem for p in shipped]}")
         paths.append(path)
-    return paths if requested else shipped
+    if requested:
+        return paths
+    all_in_one = [p for p in shipped if p.stem == defaults.ALL_IN_ONE]
+    return all_in_one or shipped
 
 
 def needs_text_encoders(files: Sequence[Path]) -> bool:
