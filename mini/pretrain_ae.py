@@ -17,12 +17,6 @@ reconstruction, plus 10 x the MSE between their 4 x 4 average-pooled versions (c
 through GroupNorm), plus a small KL(posterior || N(0, I)) that keeps the latent bounded. AdamW with a linear warm-up
 and a cosine decay; every draw comes from one seeded generator.
 
-Stage 1b (`--decoder-steps N`, after stage 1): the encoder frozen, the decoder alone trains on, with the same loss.
-The latents do not change (the encoder's weights are bit-identical), so stage 2 can pre-train the transformer on
-them at the same time; the decoder's detail is what improves (the nearest-upsampling decoder learns high
-frequencies slowly, and stage 1 spends its steps on the encoder too). It writes ae.safetensors at every checkpoint,
-so the newest decoder is always in place.
-
 Resumable: a checkpoint (weights, optimizer, generator, losses) is written every --save-every steps to
 `<out>/checkpoints/ae.pt`; running the same command again continues from it. Afterwards the latent normalisation is
 set as FLUX did (shift = mean, scale = 1 / std of the posterior means over fixed training crops). Writes
@@ -131,35 +125,6 @@ def reconstruction_loss(ae: AutoEncoder, pixels: Tensor, lowfreq_weight: float, 
     return loss + kl_weight * kl_divergence(mean, logvar), recon
 
 
-def train_decoder(ae: AutoEncoder, photos: list[Tensor], steps: int, lr: float, lowfreq_weight: float,
-                  kl_weight: float, generator: torch.Generator, checkpoint: Checkpoint, save_every: int,
-                  on_save, log_every: int = 50) -> list[float]:
-    """Stage 1b: train `ae.decoder` in place with the encoder frozen; `on_save()` runs after every checkpoint."""
-    ae.encoder.requires_grad_(False)
-    ae.decoder.requires_grad_(True)
-    optimizer = torch.optim.AdamW(ae.decoder.parameters(), lr=lr, weight_decay=0.0)
-    first, losses, _ = checkpoint.load(ae.decoder, optimizer, generator)
-    start = time.time()
-    for step in range(first, steps):
-        size, batch = CROPS[torch.randint(len(CROPS), (1,), generator=generator).item()]
-        pixels = images.random_crops(photos, batch, size, generator, SCALES)
-        loss, recon = reconstruction_loss(ae, pixels, lowfreq_weight, kl_weight, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed, done = time.time() - start, step + 1 - first
-            print(f"decoder step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}  "
-                  f"{elapsed / 60:.1f} min, eta {elapsed / done * (steps - step - 1) / 60:.1f} min", flush=True)
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            checkpoint.save(ae.decoder, optimizer, generator, step + 1, losses)
-            on_save()
-    return losses
-
-
 def train(ae: AutoEncoder, photos: list[Tensor], steps: int, lr: float, lowfreq_weight: float, kl_weight: float,
           generator: torch.Generator, checkpoint: Checkpoint, save_every: int, log_every: int = 25) -> list[float]:
     """Train `ae` in place (continuing from `checkpoint` if it exists); returns the loss of every step."""
@@ -218,8 +183,6 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--lowfreq-weight", type=float, default=10.0, help="weight of the 4x4-pooled MSE (default: %(default)s)")
     p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--decoder-steps", type=int, help="stage 1b: train the decoder alone this many steps, the "
-                   "encoder of <out>/ae.safetensors frozen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
@@ -229,8 +192,6 @@ def main() -> None:
     if args.steps < 1 or args.save_every < 1:
         p.error("--steps and --save-every must be positive")
 
-    if args.decoder_steps is not None:
-        return decoder_stage(args)
     start = time.time()
     photos = images.load_photos(args.photos)
     eval_crops = images.eval_crops(args.eval)
@@ -266,41 +227,6 @@ def main() -> None:
         "heldout_psnr_db": heldout, "heldout_psnr_mean_db": mean(heldout.values()),
     })
     print(f"round trip: Kodak24+CBSD68 {mean(scores.values())} dB, held-out {heldout}; {minutes:.1f} min")
-
-
-def decoder_stage(args: argparse.Namespace) -> None:
-    """Stage 1b (see the module docstring): writes ae.safetensors at every checkpoint and the figures at the end."""
-    start = time.time()
-    spec = json.loads((args.out / "miniature.json").read_text())
-    params = AutoEncoderParams(**spec["autoencoder"])
-    ae = weights.build(AutoEncoder, params, args.out / "ae.safetensors", dtype=torch.float32)
-    encoder = {k: v.clone() for k, v in ae.encoder.state_dict().items()}
-    photos, eval_crops = images.load_photos(args.photos), images.eval_crops(args.eval)
-    generator = torch.Generator().manual_seed(args.seed + 2)
-    settings = {"decoder_steps": args.decoder_steps, "lr": args.lr, "lowfreq_weight": args.lowfreq_weight,
-                "kl_weight": args.kl_weight, "seed": args.seed}
-    checkpoint = Checkpoint(args.out / "checkpoints" / "ae_decoder.pt", settings | {"config": asdict(params)})
-
-    def save() -> None:
-        assert all(torch.equal(v, encoder[k]) for k, v in ae.encoder.state_dict().items()), "the encoder moved"
-        weights.save_safetensors(ae.state_dict(), args.out / "ae.safetensors")
-
-    losses = train_decoder(ae, photos, args.decoder_steps, args.lr, args.lowfreq_weight, args.kl_weight, generator,
-                           checkpoint, args.save_every, save)
-    ae.eval()
-    scores, heldout = round_trip_psnr(ae, eval_crops), round_trip_psnr(ae, images.heldout_crops())
-    figures = json.loads((args.out / "figures.json").read_text())["autoencoder"]
-    window = max(1, len(losses) // 20)
-    figures.update({
-        "decoder_stage": {**settings, "wall_minutes_last_run": round((time.time() - start) / 60, 1),
-                          "loss_first_window": round(sum(losses[:window]) / window, 4),
-                          "loss_last_window": round(sum(losses[-window:]) / window, 4)},
-        "round_trip_psnr_mean_db": {s: mean(v for k, v in scores.items() if k.startswith(s)) for s in ("kodak24", "cbsd68")},
-        "round_trip_psnr_mean_db_all": mean(scores.values()),
-        "heldout_psnr_db": heldout, "heldout_psnr_mean_db": mean(heldout.values()),
-    })
-    update_json(args.out / "figures.json", autoencoder=figures)
-    print(f"round trip after the decoder stage: Kodak24+CBSD68 {mean(scores.values())} dB, held-out {heldout}")
 
 
 if __name__ == "__main__":
