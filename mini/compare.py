@@ -190,8 +190,10 @@ def write_grid(target: Path, items: list[dict], out: Path, rows: list[str]) -> N
             if name in ("input", "clean"):
                 pixels = item["degraded" if name == "input" else "clean"]
                 cell = Image.fromarray(pixels.mul(255).round().byte().permute(1, 2, 0).numpy())
-            else:
+            elif (out / name / f"{column}-{Path(item['name']).name}.png").exists():
                 cell = Image.open(out / name / f"{column}-{Path(item['name']).name}.png").convert("RGB")
+            else:  # a row not measured on this column (e.g. a naive prompt that was not trained)
+                cell = Image.new("RGB", (GRID_TILE, GRID_TILE), "lightgray")
             canvas.paste(cell.resize((GRID_TILE, GRID_TILE), Image.Resampling.LANCZOS), (GRID_TILE * c, header + GRID_TILE * r))
         draw.text((4, header + GRID_TILE * r + 3), column, fill="white", stroke_width=2, stroke_fill="black")
     canvas.save(target, optimize=True)
