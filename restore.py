@@ -301,7 +301,7 @@ def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Ten
     """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU), from chunk `index`'s own
     starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream."""
     height, width = clip.shape[2:]
-    y = encode(bb, pad_to_16(clip)[None] * 2 - 1, options)
+    y = encode(bb, pad_to_16(clip.contiguous())[None] * 2 - 1, options)  # one memory layout, sliced or streamed
     seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
     eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
     x0 = bridge.sample(dit_velocity(bb, velocity, options), y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
