@@ -8,8 +8,8 @@ Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with 
   empty prompt   the bridge with the plain pre-trained model (no learned prompt)
   method         the bridge with the degradation's own deep prompt (mini/wan/prompts/<degradation>.safetensors)
   all-in-one     the bridge with the deep prompt trained on the mixture (mini/wan/prompts/all.safetensors)
-  default        what `sample.py --video` does with no --prompt (restore.prompt_files: today every shipped prompt of
-                 the miniature, velocities averaged)
+  default        what `sample.py --video` does with no --prompt (restore.prompt_files: the all-in-one prompt when
+                 the miniature ships one)
 Restoration runs as `sample.py --video` does it (restore.restore_video: 17-frame chunks overlapping by 8,
 cross-faded), at the sampler's defaults (defaults.py: T0 0.4, seed 0; --steps, default 20).
 Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
