@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -125,16 +126,21 @@ def reconstruction_loss(ae: AutoEncoder, pixels: Tensor, lowfreq_weight: float, 
     return loss + kl_weight * kl_divergence(mean, logvar), recon
 
 
-def train(ae: AutoEncoder, photos: list[Tensor], steps: int, lr: float, lowfreq_weight: float, kl_weight: float,
-          generator: torch.Generator, checkpoint: Checkpoint, save_every: int, log_every: int = 25) -> list[float]:
-    """Train `ae` in place (continuing from `checkpoint` if it exists); returns the loss of every step."""
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
-    first, losses, _ = checkpoint.load(ae, optimizer, generator)
+def train(model: nn.Module, draw: Callable[[int, int], Tensor],
+          loss_fn: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]], steps: int, lr: float,
+          generator: torch.Generator, checkpoint: Checkpoint, save_every: int,
+          crops: tuple[tuple[int, int], ...] = CROPS, label: str = "ae", log_every: int = 25) -> list[float]:
+    """Train an autoencoder `model` in place (continuing from `checkpoint` if it exists); returns every step's loss.
+
+    Each step draws a (side, batch) of `crops` from `generator`, a batch `draw(side, batch)` in [0, 1] and its
+    (loss, reconstruction) `loss_fn(model, batch)`. The video miniature's VAE stage trains through this loop too."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    first, losses, _ = checkpoint.load(model, optimizer, generator)
     start = time.time()
     for step in range(first, steps):
-        size, batch = CROPS[torch.randint(len(CROPS), (1,), generator=generator).item()]
-        pixels = images.random_crops(photos, batch, size, generator, SCALES)
-        loss, recon = reconstruction_loss(ae, pixels, lowfreq_weight, kl_weight, generator)
+        size, batch = crops[torch.randint(len(crops), (1,), generator=generator).item()]
+        pixels = draw(size, batch)
+        loss, recon = loss_fn(model, pixels)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
         optimizer.zero_grad(set_to_none=True)
@@ -144,10 +150,10 @@ def train(ae: AutoEncoder, photos: list[Tensor], steps: int, lr: float, lowfreq_
         if (step + 1) % log_every == 0 or step + 1 == steps:
             elapsed, done = time.time() - start, step + 1 - first
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-            print(f"ae step {step + 1}/{steps}  loss {recent:.4f}  batch psnr {psnr(recon.clamp(0, 1), pixels):.2f} dB  "
+            print(f"{label} step {step + 1}/{steps}  loss {recent:.4f}  batch psnr {psnr(recon.clamp(0, 1), pixels):.2f} dB  "
                   f"{elapsed / 60:.1f} min, eta {elapsed / done * (steps - step - 1) / 60:.1f} min", flush=True)
         if (step + 1) % save_every == 0 and step + 1 < steps:
-            checkpoint.save(ae, optimizer, generator, step + 1, losses)
+            checkpoint.save(model, optimizer, generator, step + 1, losses)
     return losses
 
 
@@ -202,8 +208,9 @@ def main() -> None:
     zero_residual_branches(ae)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "lowfreq_weight", "kl_weight", "seed")}
     checkpoint = Checkpoint(args.out / "checkpoints" / "ae.pt", settings | {"config": asdict(CONFIG)})
-    losses = train(ae, photos, args.steps, args.lr, args.lowfreq_weight, args.kl_weight, generator, checkpoint,
-                   args.save_every)
+    losses = train(ae, lambda size, batch: images.random_crops(photos, batch, size, generator, SCALES),
+                   lambda model, pixels: reconstruction_loss(model, pixels, args.lowfreq_weight, args.kl_weight, generator),
+                   args.steps, args.lr, generator, checkpoint, args.save_every)
     ae.eval()
 
     shift, std = latent_statistics(ae, photos, generator)

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 import weights
 from mini import images
-from mini.pretrain_ae import Checkpoint, kl_divergence, learning_rate, mean, psnr, update_json
+from mini import pretrain_ae as image_stage
+from mini.pretrain_ae import Checkpoint, kl_divergence, mean, psnr, update_json
 from mini.wan import clips
 from model.wan_vae import ResidualBlock, WanVAE, WanVAEConfig
 
@@ -73,28 +74,11 @@ def reconstruction_loss(vae: WanVAE, clip: Tensor, lowfreq_weight: float, kl_wei
 
 def train(vae: WanVAE, draw, steps: int, lr: float, lowfreq_weight: float, kl_weight: float,
           generator: torch.Generator, checkpoint: Checkpoint, save_every: int, log_every: int = 25) -> list[float]:
-    """Train `vae` in place on batches `draw(size, batch)`, continuing from `checkpoint`; returns every loss."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    first, losses, _ = checkpoint.load(vae, optimizer, generator)
-    start = time.time()
-    for step in range(first, steps):
-        size, batch = CROPS[torch.randint(len(CROPS), (1,), generator=generator).item()]
-        clip = draw(size, batch)
-        loss, recon = reconstruction_loss(vae, clip, lowfreq_weight, kl_weight, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup=max(1, steps // 20))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed, done = time.time() - start, step + 1 - first
-            recent = sum(losses[-log_every:]) / len(losses[-log_every:])
-            print(f"vae step {step + 1}/{steps}  loss {recent:.4f}  batch psnr {psnr(recon.clamp(0, 1), clip):.2f} dB  "
-                  f"{elapsed / 60:.1f} min, eta {elapsed / done * (steps - step - 1) / 60:.1f} min", flush=True)
-        if (step + 1) % save_every == 0 and step + 1 < steps:
-            checkpoint.save(vae, optimizer, generator, step + 1, losses)
-    return losses
+    """Train `vae` in place on batches `draw(size, batch)`, continuing from `checkpoint`; returns every loss (the
+    image autoencoder's training loop, with this stage's clips, loss and CROPS)."""
+    return image_stage.train(
+        vae, draw, lambda model, clip: reconstruction_loss(model, clip, lowfreq_weight, kl_weight, generator),
+        steps, lr, generator, checkpoint, save_every, crops=CROPS, label="vae", log_every=log_every)
 
 
 @torch.no_grad()
