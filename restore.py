@@ -137,6 +137,18 @@ def prompt_files(requested: Sequence[str], spec: backbones.Spec, folder: Path | 
     return all_in_one or shipped
 
 
+def default_prompt(spec: backbones.Spec, folder: Path | None) -> list[Path] | Path:
+    """What a restoration uses when no prompt is named: a miniature's choice, recorded in its miniature.json as
+    "default_prompt" from its comparison table ("auto": its prompt bank, folder/prompts/bank.safetensors, returned
+    as that one Path, for --prompt auto; absent: `prompt_files`' rule, the all-in-one prompt); other backbones:
+    [] (the plain pre-trained model)."""
+    if spec.source == "miniature":
+        choice = json.loads((folder / backbones.MINIATURE_FILE).read_text()).get("default_prompt")
+        if choice == "auto" and (folder / "prompts" / estimator.BANK_NAME).is_file():
+            return folder / "prompts" / estimator.BANK_NAME
+    return prompt_files([], spec, folder)
+
+
 def needs_text_encoders(files: Sequence[Path]) -> bool:
     """Whether any of the prompt files is a text-token prompt (the backbone must then keep its text encoders)."""
     return any(weights.read_metadata(f).get("site") == "token" for f in files if f.suffix == ".safetensors")

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt", action="append", default=[], metavar="FILE",
                    help="learned prompt file (repeat to average several prompts' velocities); with a miniature "
                    "also the name of a shipped prompt (e.g. noise, blur, haze, lowlight). Default: none for "
-                   "official weights (the plain pre-trained model on the bridge), all shipped prompts for a miniature. "
+                   "official weights (the plain pre-trained model on the bridge); for a miniature its recorded "
+                   "default (miniature.json: 'auto' with its shipped bank, else its all-in-one prompt). "
                    "'auto': blind restoration, the prompt bank's estimator (estimator.py) chooses and weights the "
                    "prompts from each input (a miniature's shipped bank, or --bank)")
     g.add_argument("--bank", type=Path, metavar="FILE", help="the prompt bank of --prompt auto (estimator.py bank; "
@@ -76,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=int, default=defaults.STEPS, help="model evaluations on the bridge "
                    "(default: %(default)s)")
-    g.add_argument("--t0", type=float, default=defaults.T0, help="bridge start time T0 (default: %(default)s)")
+    g.add_argument("--t0", type=float, help=f"bridge start time T0 (default: the backbone's, {defaults.T0} but for "
+                   "mini-wan's 0.2: backbone.BACKBONES)")
     g.add_argument("--t-min", type=float, default=defaults.T_MIN, help="last time of the sampler "
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, help=f"seed of the starting noise (default: {defaults.SEED}; "
@@ -168,10 +170,12 @@ def apply_protocol(args: argparse.Namespace) -> None:
     args.resize_512 = args.resize_512 or chosen.eval_paper_metrics
 
 
-def restore_options(args: argparse.Namespace, kind: str | None = None) -> restore.RestoreOptions:
-    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known)."""
+def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float = defaults.T0) -> restore.RestoreOptions:
+    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known), `t0` is
+    the backbone's T0 (Spec.t0), used unless --t0 gives one."""
     size = protocol.PAPER_SIZE[kind] if args.size_policy == "paper" and kind is not None else None
-    return restore.RestoreOptions(steps=args.steps, t0=args.t0, t_min=args.t_min, seed=args.seed, tile=args.tile,
+    t0 = t0 if args.t0 is None else args.t0
+    return restore.RestoreOptions(steps=args.steps, t0=t0, t_min=args.t_min, seed=args.seed, tile=args.tile,
                                   chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, size=size,
                                   first_frames=args.first_frames, timesteps=args.timesteps,
                                   autocast="float16" if args.dtype == "float16" else None,
@@ -413,7 +417,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_paths(args)
         spec, folder = choose_backbone(args)
-        args.options = restore_options(args, spec.kind)
+        args.options = restore_options(args, spec.kind, spec.t0)
+        if not args.prompt and not args.no_prompt and args.text is None and args.bank is None \
+                and isinstance(restore.default_prompt(spec, folder), Path):
+            args.prompt = ["auto"]  # the miniature's recorded default: blind restoration with its shipped bank
         auto = bank_file(args, spec, folder) if args.prompt == ["auto"] else None
         files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt) if auto is None else []
         if args.text is not None:
@@ -433,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
                 metas = [meta for _, meta in bank.prompts]
                 files = [Path(f"{auto.name}[{name}]") for name in bank.names]
             print(f"restoring with {how}", file=sys.stderr)
-            for warning in restore.t0_warnings(files, metas, args.t0):
+            for warning in restore.t0_warnings(files, metas, args.options.t0):
                 print(f"sample.py: warning: {warning}", file=sys.stderr)
         run = run_image if args.image is not None else run_video if args.video is not None else run_eval
         run(args, bb, velocity, rank, world, bank)

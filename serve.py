@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -164,11 +164,14 @@ class Jobs:
 
     # -- requests
 
-    def submit(self, upload: Path, label: str, prompt: dict, words: str, options: restore.RestoreOptions) -> Job:
+    def submit(self, upload: Path, label: str, prompt: dict, words: str, options: restore.RestoreOptions,
+               t0: float | None = None) -> Job:
         """Check an upload (already in its job folder as `upload`) by decoding it and queue its job; `prompt`:
-        the choice for each kind ({"image": "haze", "video": None}; None: the model's default)."""
+        the choice for each kind ({"image": "haze", "video": None}; None: the model's default); `t0`: the
+        request's bridge T0 (None: the backbone's, Spec.t0)."""
         kind, pixels = self._decode(upload)
         model = self.models[kind]
+        options = replace(options, t0=model.bb.spec.t0 if t0 is None else t0)
         prompt = prompt.get(kind) or model.default
         if prompt == "text":
             if not model.text:
@@ -435,7 +438,7 @@ class Handler(BaseHTTPRequestHandler):
     def info(self) -> dict:
         jobs = self.server.jobs
         return {"models": {kind: model.describe() for kind, model in jobs.models.items()},
-                "defaults": {"steps": defaults.STEPS, "t0": defaults.T0},
+                "defaults": {"steps": defaults.STEPS, "t0": {kind: m.bb.spec.t0 for kind, m in jobs.models.items()}},
                 "max_upload": self.server.max_upload, "max_frames": jobs.max_frames}
 
     def upload(self, query: dict) -> dict:
@@ -453,7 +456,7 @@ class Handler(BaseHTTPRequestHandler):
                                f"{self.server.max_upload / 2**20:.1f} MiB (--max-upload-mb)")
         if length == 0:
             raise RequestError(400, "the upload is empty")
-        options = request_options(query)
+        options, t0 = request_options(query)
         folder = self.server.root / secrets.token_hex(8)
         folder.mkdir(mode=0o700)
         upload = folder / "upload"
@@ -469,7 +472,7 @@ class Handler(BaseHTTPRequestHandler):
             self.body_read = True
             job = self.server.jobs.submit(upload, first(query, "name", "upload")[:200],
                                           {k: first(query, f"{k}_prompt", None) for k in ("image", "video")},
-                                          first(query, "text", "")[:500], options)
+                                          first(query, "text", "")[:500], options, t0)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -483,14 +486,16 @@ def first(query: dict, key: str, default):
     return query[key][0] if key in query else default
 
 
-def request_options(query: dict) -> restore.RestoreOptions:
-    """The sampler settings a request asks for (steps, t0); 400 for a malformed or invalid one."""
+def request_options(query: dict) -> tuple[restore.RestoreOptions, float | None]:
+    """The sampler settings a request asks for (steps; t0, None when absent or empty: the backbone's, known once
+    the upload is decoded) checked before the body is read; 400 for a malformed or invalid one."""
     try:
         steps = int(first(query, "steps", defaults.STEPS))
-        t0 = float(first(query, "t0", defaults.T0))
+        given = first(query, "t0", "")
+        t0 = float(given) if given else None
         if not steps <= 1000:
             raise ValueError(f"at most 1000 steps, got {steps}")
-        return restore.RestoreOptions(steps=steps, t0=t0)
+        return restore.RestoreOptions(steps=steps, t0=defaults.T0 if t0 is None else t0), t0
     except ValueError as err:
         raise RequestError(400, f"bad settings: {err}") from None
 

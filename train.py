@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "learning input-embedding vectors through the frozen text encoders (default: %(default)s)")
     g.add_argument("--prompt-len", type=int, help="prompt tokens K (default: the backbone's, e.g. 512 FLUX, 226 Wan)")
     g.add_argument("--path", choices=["bridge", "naive"], default="bridge", help="training path (default: %(default)s)")
-    g.add_argument("--t0", type=float, default=defaults.T0, help="bridge end time T0 (default: %(default)s)")
+    g.add_argument("--t0", type=float, help=f"bridge end time T0 (default: the backbone's, {defaults.T0} but for "
+                   "mini-wan's 0.2: backbone.BACKBONES)")
     g.add_argument("--t-min", type=float, default=defaults.T_MIN, help="smallest training time (default: %(default)s)")
     g.add_argument("--t-power", type=float, default=1.0, help="t = t_min + (T0 - t_min) u^power (default: %(default)s)")
     g = p.add_argument_group("optimisation")
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(err))
     args.size = tuple(args.size or spec.train_size)
     args.frames = args.frames or spec.train_frames
+    args.t0 = spec.t0 if args.t0 is None else args.t0
     if spec.kind == "flux" and args.frames:
         p.error("--frames is for video (Wan)")
     if args.frames is not None and not defaults.is_clip_length(args.frames):

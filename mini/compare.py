@@ -10,15 +10,20 @@ Evaluation sets (never trained on; every degradation drawn from its own fixed se
     unseen    the four mini/heldout/ crops degraded six ways with settings of our own (`mini/unseen.py`)
 
 Rows (`ROWS`), PSNR and SSIM in RGB against the clean crop (restore.measure), means per column; every sampled row
-uses the default sampler (T0 0.4, 20 steps, t_min 1e-4, seed 0):
+uses the default sampler (the backbone's T0 0.4, 20 steps, t_min 1e-4, seed 0):
 
     input     the degraded input itself
     ceiling   the clean crop's autoencoder round trip: no latent method can do better
     empty     the frozen model on the bridge with no prompt
     text      text prompting: the caption "clean" instead of the empty prompt
     naive     the deep prompt learned on the naive path, for the column's degradation
+    textsite  offsets on the text encoders' output (`--site text`), learned on the bridge, for the column's degradation
+    token     the text-token baseline (`--site token`): input vectors through the frozen tiny encoders, on the bridge
     deep      the deep prompt learned on the bridge (the method), for the column's degradation (the oracle choice)
     all       the all-in-one deep prompt, trained on the mixture of the six
+    auto      `--prompt auto`: the shipped bank's estimator chooses and weights the six deep prompts per input
+    restorer  the reference: a small U-Net trained from scratch on the same pairs for one prompt run's wall time
+              (mini/restorer.py; pixels in, pixels out, no frozen prior)
     uniform   all six deep prompts, velocities averaged (six model evaluations a step: Kodak24/CBSD68 only)
 
 Writes mini/results.json, mini/RESULTS.md, mini/grid.png and mini/example.png.
@@ -40,7 +45,7 @@ import defaults
 import media
 import restore
 import weights
-from mini import images
+from mini import images, restorer
 from mini.learn_prompts import ALL, DEGRADATIONS, MINI, baseline_path
 from mini.unseen import UNSEEN
 
@@ -52,11 +57,16 @@ ROWS = {
     "empty": "bridge, empty prompt",
     "text": "text prompting (`--text clean`)",
     "naive": "naive prompt learning (deep prompt, naive path)",
+    "textsite": "bridge, text-output site (`--site text`)",
+    "token": "text-token optimisation (`--site token`)",
     "deep": "**bridge deep prompt**, named degradation (the method)",
     "all": "all-in-one deep prompt (no name needed)",
+    "auto": "`--prompt auto` (no name needed)",
+    "restorer": "reference: small U-Net trained on the pairs, one prompt run's compute",
     "uniform": "six deep prompts averaged (no name needed)",
 }
 GRID_TILE = 128
+BANK = MINI / "prompts" / "bank.safetensors"  # --prompt auto's bank (estimator.py bank)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation sets
@@ -116,18 +126,23 @@ def velocities(bb: backbone.Backbone) -> dict[str, object]:
             "uniform": restore.velocity_for(bb, list(deep.values()))}
     if (MINI / "prompts" / f"{ALL}.safetensors").exists():
         rows["all"] = restore.velocity_for(bb, [prompt(MINI / "prompts" / f"{ALL}.safetensors")])
-    naive = {d: restore.velocity_for(bb, [prompt(baseline_path(d, "naive"))]) for d in DEGRADATIONS
-             if baseline_path(d, "naive").exists()}
-    if naive:
-        rows["naive"] = naive  # (the degradations whose naive prompt was trained)
+    for method, row in (("naive", "naive"), ("text", "textsite"), ("token", "token")):
+        trained = {d: restore.velocity_for(bb, [prompt(baseline_path(d, method))]) for d in DEGRADATIONS
+                   if baseline_path(d, method).exists()}
+        if trained:
+            rows[row] = trained  # (the degradations whose baseline prompt was trained)
+    if BANK.exists():
+        bank = restore.load_bank(BANK, bb)
+        rows["auto"] = lambda degraded: restore.blind_velocity(bb, bank, degraded)[0]  # one decision per input
     return rows
 
 
 @torch.no_grad()
 def measure_rows(bb: backbone.Backbone, items: list[dict], rows: list[str], out: Path) -> list[dict]:
     """One record per (row, item): {"row", "set", "column", "name", "psnr", "ssim"}; restored images to out/."""
-    options = restore.RestoreOptions()
+    options = restore.RestoreOptions(t0=bb.spec.t0)
     chosen = velocities(bb)
+    reference = restorer.load() if restorer.TARGET.exists() else None
     records = []
     start = time.time()
     for row in rows:
@@ -136,11 +151,17 @@ def measure_rows(bb: backbone.Backbone, items: list[dict], rows: list[str], out:
                 result = item["degraded"]
             elif row == "ceiling":
                 result = ((bb.decode(bb.encode(item["clean"][None] * 2 - 1))[0] + 1) / 2).clamp(0, 1)
+            elif row == "restorer":
+                if not restorer.TARGET.exists():
+                    continue
+                result = restorer.restore(reference, item["degraded"])
             elif row not in chosen or (row == "uniform" and item["set"] == "unseen"):
                 continue  # (uniform costs six model evaluations a step: measured on the training family only)
             else:
                 velocity = chosen[row]
-                if isinstance(velocity, dict):
+                if row == "auto":
+                    velocity = velocity(item["degraded"])
+                elif isinstance(velocity, dict):
                     if degradation_of(item["column"]) not in velocity:
                         continue
                     velocity = velocity[degradation_of(item["column"])]
@@ -240,7 +261,7 @@ def main() -> None:
     rows = [r for r in ROWS if r in summary]
     write_grid(MINI / "grid.png", items, args.work, rows)
     example = pick_example(records, items) if "all" in summary else None
-    result = {"protocol": {"t0": defaults.T0, "steps": defaults.STEPS, "t_min": defaults.T_MIN, "seed": defaults.SEED,
+    result = {"protocol": {"t0": backbone.BACKBONES["mini-flux"].t0, "steps": defaults.STEPS, "t_min": defaults.T_MIN, "seed": defaults.SEED,
                            "eval_count": EVAL_COUNT, "metrics": "PSNR, SSIM on RGB 8-bit levels, 256 px crops"},
               "rows": ROWS, "mean": summary, "example": example, "records": records}
     with weights.atomic_file(MINI / "results.json") as tmp:

@@ -1,6 +1,7 @@
 """restore.py on the tiny preset: prompts, tiles and chunks behave as identities where they should, blends have no
 seams, requests are validated, per-request conditioning leaves the backbone as it was."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,44 @@ def test_options_refuse_what_the_sampler_cannot_do(settings, message):
 def test_tile_defaults_to_the_backbone_table():
     assert restore.tile_for(backbone.tiny("flux"), restore.RestoreOptions()) == backbone.BACKBONES["tiny-flux"].tile
     assert restore.tile_for(backbone.tiny("flux"), restore.RestoreOptions(tile=512)) == 512
-    assert backbone.BACKBONES["flux-dev"].tile == 1024 and backbone.BACKBONES["mini-flux"].tile == 256
+    # the image miniature restores in tiles of its training crop (its prompts' image-token count)
+    assert backbone.BACKBONES["flux-dev"].tile == 1024 and backbone.BACKBONES["mini-flux"].tile == 128
+    assert backbone.BACKBONES["mini-flux"].tile == backbone.BACKBONES["mini-flux"].train_size[0]
+
+
+def test_t0_defaults_to_the_backbone_table(tmp_path):
+    import sample
+    import train
+
+    assert backbone.BACKBONES["mini-wan"].t0 == 0.2
+    assert all(spec.t0 == defaults.T0 for name, spec in backbone.BACKBONES.items() if name != "mini-wan")
+    for name, t0 in (("mini-wan", 0.2), ("mini-flux", defaults.T0)):
+        args = train.parse_args(["--backbone", name, "--data", str(tmp_path), "--synthetic", "--degradation", "haze",
+                                 "--out", str(tmp_path / "run")])
+        assert args.t0 == t0
+        spec = backbone.BACKBONES[name]
+        assert sample.restore_options(sample.parse_args(["--image", "x.png"]), spec.kind, spec.t0).t0 == t0
+    given = train.parse_args(["--backbone", "mini-wan", "--data", str(tmp_path), "--synthetic", "--degradation",
+                              "haze", "--t0", "0.3", "--out", str(tmp_path / "run")])
+    assert given.t0 == 0.3
+    assert sample.restore_options(sample.parse_args(["--image", "x.png", "--t0", "0.3"]), "wan", 0.2).t0 == 0.3
+
+
+def test_default_prompt_follows_the_miniature_record(tmp_path):
+    spec = backbone.BACKBONES["mini-flux"]
+    folder = tmp_path / "mini"
+    (folder / "prompts").mkdir(parents=True)
+    config = json.loads((spec.folder / backbone.MINIATURE_FILE).read_text())
+    config.pop("default_prompt", None)
+    for name in ("haze", defaults.ALL_IN_ONE, "bank"):
+        (folder / "prompts" / f"{name}.safetensors").write_bytes(b"x")
+    (folder / backbone.MINIATURE_FILE).write_text(json.dumps(config))
+    assert restore.default_prompt(spec, folder) == [folder / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"]
+    (folder / backbone.MINIATURE_FILE).write_text(json.dumps({**config, "default_prompt": "auto"}))
+    assert restore.default_prompt(spec, folder) == folder / "prompts" / "bank.safetensors"
+    (folder / "prompts" / "bank.safetensors").unlink()  # recorded, but no bank shipped: the all-in-one rule
+    assert restore.default_prompt(spec, folder) == [folder / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"]
+    assert restore.default_prompt(backbone.BACKBONES["tiny-flux"], None) == []
 
 
 def test_prompt_files_by_shipped_name_default_and_none():

@@ -5,6 +5,7 @@ page's fetch sends), progress is polled from /api/jobs/ID, results are fetched f
 """
 
 import base64
+import dataclasses
 import fcntl
 import http.client
 import io
@@ -115,6 +116,20 @@ def wait(server, job_id, states=serve.FINISHED, timeout=120) -> dict:
 
 def error_of(reply: bytes) -> str:
     return json.loads(reply)["error"]
+
+
+def test_t0_defaults_to_the_backbone_of_the_upload(server, models, monkeypatch):
+    model = models["image"]  # as mini-wan's 0.2 differs from the images' 0.4:
+    monkeypatch.setitem(backbone.BACKBONES, model.bb.name, dataclasses.replace(model.bb.spec, t0=0.25))
+    status, reply = request(server, "GET", "/api/info")
+    assert status == 200 and json.loads(reply)["defaults"]["t0"]["image"] == 0.25
+    image = data.toy_images(1, 32, 32, seed=2)[0]
+    job = wait(server, upload(server, png(image), name="a.png", steps=1)["id"])  # no t0: the backbone's
+    assert job["state"] == "done" and job["t0"] == 0.25
+    job = wait(server, upload(server, png(image), name="b.png", steps=1, t0="")["id"])  # empty field: the same
+    assert job["t0"] == 0.25
+    job = wait(server, upload(server, png(image), name="c.png", steps=1, t0=0.5)["id"])  # given: kept
+    assert job["t0"] == 0.5
 
 
 def test_image_round_trip_equals_the_library(server, models):

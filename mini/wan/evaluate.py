@@ -8,10 +8,13 @@ Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with 
   empty prompt   the bridge with the plain pre-trained model (no learned prompt)
   method         the bridge with the degradation's own deep prompt (mini/wan/prompts/<degradation>.safetensors)
   all-in-one     the bridge with the deep prompt trained on the mixture (mini/wan/prompts/all.safetensors)
-  default        what `sample.py --video` does with no --prompt (restore.prompt_files: the all-in-one prompt when
-                 the miniature ships one)
+  auto           `--prompt auto`: the shipped bank's estimator chooses and weights the prompts (mini/wan/prompts/
+                 bank.safetensors), decided on the clip's first chunk as sample.py does
+  default        what `sample.py --video` does with no --prompt (restore.default_prompt: auto when the miniature
+                 ships a bank, else the all-in-one prompt): a copy of that row, not a second run
 Restoration runs as `sample.py --video` does it (restore.restore_video: 17-frame chunks overlapping by 8,
-cross-faded), at the sampler's defaults (defaults.py: T0 0.4, seed 0; --steps, default 20).
+cross-faded), at the sampler's defaults (the backbone's T0, 0.2 for mini-wan: backbone.BACKBONES; seed 0; --steps,
+default 20).
 Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
 Writes the "restoration" entry of mini/wan/figures.json and prints a markdown table; rows whose prompt file is
 missing are left out (and say so).
@@ -24,6 +27,7 @@ import torch
 
 import backbone
 import data
+import estimator
 import media
 import metrics
 import restore
@@ -44,12 +48,21 @@ def degrade(clean: torch.Tensor, name: str, seed: int) -> torch.Tensor:
     return data.DEGRADATIONS[name](clean, torch.Generator().manual_seed(seed))
 
 
-def restorer(bb, prompt_files: list[Path], steps: int, chunk_frames: int, chunk_overlap: int):
+def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int, chunk_overlap: int):
     """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler); several
-    prompt files: their velocities averaged, as sample.py does."""
-    modules = [prompt for prompt, _ in restore.load_prompts(prompt_files, bb)]
-    velocity = restore.velocity_for(bb, modules)
-    options = restore.RestoreOptions(steps=steps, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
+    prompt files: their velocities averaged, as sample.py does; a prompt bank (one Path): --prompt auto, decided
+    on the clip's first chunk."""
+    options = restore.RestoreOptions(steps=steps, t0=bb.spec.t0, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
+    if isinstance(prompt_files, Path):
+        bank = restore.load_bank(prompt_files, bb)
+        length, _ = restore.chunk_plan(1 << 30, chunk_frames, chunk_overlap)
+
+        def blind(clip):
+            velocity, decided = restore.blind_velocity(bb, bank, clip[:, :length])
+            print(f"  auto: {estimator.describe_weights(decided)}", flush=True)
+            return restore.restore_video(bb, velocity, clip, options)
+        return blind
+    velocity = restore.velocity_for(bb, [prompt for prompt, _ in restore.load_prompts(prompt_files, bb)])
     return lambda clip: restore.restore_video(bb, velocity, clip, options)
 
 
@@ -79,9 +92,10 @@ def main() -> None:
         rows["all-in-one"] = [prompt_dir / "all.safetensors"]
     else:
         print(f"no {prompt_dir / 'all.safetensors'}: the all-in-one row is left out")
-    default = restore.prompt_files([], bb.spec, args.miniature)  # what sample.py --video uses with no --prompt
-    if default:
-        rows["default"] = default
+    if (prompt_dir / estimator.BANK_NAME).is_file():
+        rows["auto"] = prompt_dir / estimator.BANK_NAME
+    default = restore.default_prompt(bb.spec, args.miniature)  # what sample.py --video uses with no --prompt
+    default_row = next((row for row, files in rows.items() if files == default), None)
     table = {}
     for set_name, videos in sets.items():
         for degradation in args.degradations:
@@ -98,6 +112,8 @@ def main() -> None:
                         if not files[0].is_file():
                             continue
                     outputs[row] = restorer(bb, files, args.steps, 17, 8)(degraded)
+                if default_row is not None:
+                    outputs["default"] = outputs[default_row]
                 for row, out in outputs.items():
                     scores.setdefault(row, []).append(metrics.psnr(out, clean, video=True))
                     flickers.setdefault(row, []).append(flicker(out) / flicker(clean))
@@ -109,7 +125,7 @@ def main() -> None:
     minutes = round((time.time() - start) / 60, 1)
     update_json(args.miniature / "figures.json", restoration={
         "table": table, "wall_minutes": minutes, "steps": args.steps, "heldout_frames": args.frames,
-        "motion_clips": list(motion), "rows": list(rows), "default_prompts": [f.stem for f in default]})
+        "motion_clips": list(motion), "rows": list(rows), "default": default_row})
     if args.strip:
         clean = sets["heldout"]["heldout"]
         restore_default = restorer(bb, default, args.steps, 17, 8)

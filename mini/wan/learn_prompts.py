@@ -36,7 +36,7 @@ FOLDER = backbone.BACKBONES["mini-wan"].folder
 
 DEGRADATIONS = ("rain", "haze", "lowlight", "snow", "blur", "noise")
 ALL = "all"
-SETTINGS = {"steps": 250, "batch": 4, "lr": 1e-2, "frames": 9, "size": 64}  # the image prompts: 400 steps, lr 1e-2
+SETTINGS = {"steps": 500, "batch": 4, "lr": 0.2, "frames": 9, "size": 64}  # lr: the image pilot (mini/README.md)
 PROMPT_LEN = 16  # the miniature's context length
 MOTION_CLIPS = 48  # camera moves over photos, 25 frames at 96 px each
 
