@@ -440,11 +440,24 @@ def read_photos(folder: Path, limit: int | None = None) -> list[Tensor]:
     return [media.read_image(p) for p in paths[:limit]]
 
 
+def read_frames(folder: Path, every: int, limit: int | None = None) -> list[Tensor]:
+    """Every `every`-th frame of each video under `folder` (sorted), at most `limit` frames, [3, H, W] each."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in media.VIDEO_SUFFIXES)
+    if not paths or every < 1:
+        raise ValueError(f"{folder}: no videos found" if not paths else f"--every must be at least 1, got {every}")
+    frames = [frame for path in paths for frame in media.read_video(path).frames.unbind(1)[::every]]
+    return frames[:limit]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="train an estimator on synthetic pairs from clean photos")
-    f.add_argument("--photos", type=Path, required=True, help="folder of clean training photos (recursive)")
+    f = sub.add_parser("fit", help="train an estimator on synthetic pairs from clean photos or video frames")
+    source = f.add_mutually_exclusive_group(required=True)
+    source.add_argument("--photos", type=Path, help="folder of clean training photos (recursive)")
+    source.add_argument("--videos", type=Path, help="folder of clean training videos: every --every-th frame of each "
+                        "is a clean image (a video backbone's estimator learns what its footage looks like clean)")
+    f.add_argument("--every", type=int, default=4, help="with --videos: one frame in this many (default: %(default)s)")
     f.add_argument("--degradations", nargs="+", default=["noise", "blur", "haze", "rain", "lowlight", "snow"])
     f.add_argument("--count", type=int, default=2400, help="synthetic examples (default: %(default)s)")
     f.add_argument("--epochs", type=int, default=12)
@@ -467,10 +480,10 @@ def main(argv: list[str] | None = None) -> None:
             unknown = [n for n in args.degradations if n not in data.DEGRADATIONS]
             if unknown:
                 raise ValueError(f"unknown degradation {unknown[0]!r}; choose from {sorted(data.DEGRADATIONS)}")
-            cleans = read_photos(args.photos, args.limit)
+            cleans = read_photos(args.photos, args.limit) if args.photos else read_frames(args.videos, args.every, args.limit)
             estimator = fit(cleans, args.degradations, args.count, args.epochs, args.crop, seed=args.seed,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
-            save_estimator(args.output, estimator, {"photos": str(args.photos), "count": args.count,
+            save_estimator(args.output, estimator, {"photos": str(args.photos or args.videos), "count": args.count,
                                                     "epochs": args.epochs, "crop": args.crop, "seed": args.seed})
         else:
             save_bank(args.output, args.prompts, load_estimator(args.estimator))

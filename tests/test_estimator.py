@@ -232,3 +232,17 @@ def test_prompt_auto_needs_a_bank_and_no_other_prompt(tmp_path):
                        check=False)
     assert result.returncode == 2 and "give no other --prompt" in result.stderr
     assert not (ROOT / "x_restored.png").exists()
+
+
+def test_video_frames_as_clean_examples(tmp_path, capsys):
+    """`estimator.py fit --videos`: every --every-th frame of each clip is a clean image (a video backbone's
+    estimator learns what its footage looks like clean)."""
+    clip = torch.stack(data.toy_images(9, 24, 32, seed=3), dim=1)  # [3, 9, 24, 32]
+    media.write_video(tmp_path / "clips" / "a.mp4", clip, 16)
+    decoded = media.read_video(tmp_path / "clips" / "a.mp4").frames
+    frames = estimator.read_frames(tmp_path / "clips", every=4)
+    assert len(frames) == 3 and all(torch.equal(f, decoded[:, i]) for f, i in zip(frames, (0, 4, 8)))
+    assert len(estimator.read_frames(tmp_path / "clips", every=1, limit=5)) == 5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos"):
+        estimator.read_frames(tmp_path / "empty", every=1)
