@@ -131,24 +131,6 @@ def test_tile_defaults_to_the_backbone_table():
     assert backbone.BACKBONES["mini-flux"].tile == backbone.BACKBONES["mini-flux"].train_size[0]
 
 
-def test_t0_defaults_to_the_backbone_table(tmp_path):
-    import sample
-    import train
-
-    assert backbone.BACKBONES["mini-wan"].t0 == 0.2
-    assert all(spec.t0 == defaults.T0 for name, spec in backbone.BACKBONES.items() if name != "mini-wan")
-    for name, t0 in (("mini-wan", 0.2), ("mini-flux", defaults.T0)):
-        args = train.parse_args(["--backbone", name, "--data", str(tmp_path), "--synthetic", "--degradation", "haze",
-                                 "--out", str(tmp_path / "run")])
-        assert args.t0 == t0
-        spec = backbone.BACKBONES[name]
-        assert sample.restore_options(sample.parse_args(["--image", "x.png"]), spec.kind, spec.t0).t0 == t0
-    given = train.parse_args(["--backbone", "mini-wan", "--data", str(tmp_path), "--synthetic", "--degradation",
-                              "haze", "--t0", "0.3", "--out", str(tmp_path / "run")])
-    assert given.t0 == 0.3
-    assert sample.restore_options(sample.parse_args(["--image", "x.png", "--t0", "0.3"]), "wan", 0.2).t0 == 0.3
-
-
 def test_default_prompt_follows_the_miniature_record(tmp_path):
     spec = backbone.BACKBONES["mini-flux"]
     folder = tmp_path / "mini"

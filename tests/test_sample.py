@@ -17,6 +17,7 @@ from snapshots import make_flux_snapshot, make_wan_snapshot, official_configs
 
 import backbone
 import data
+import defaults
 import media
 import prompts
 import sample
@@ -185,3 +186,20 @@ def test_requests_are_refused_before_any_model_loads(tmp_path, inputs, monkeypat
     with pytest.raises(SystemExit) as exit_:
         cli("--image", inputs / "odd.png", *argv, "-o", tmp_path / "out.png")
     assert re.search(message, capsys.readouterr().err + str(exit_.value))
+
+
+def test_t0_defaults_to_the_backbone_table(tmp_path):
+    import train  # the same default on both command lines
+
+    assert backbone.BACKBONES["mini-wan"].t0 == 0.2
+    assert all(spec.t0 == defaults.T0 for name, spec in backbone.BACKBONES.items() if name != "mini-wan")
+    for name, t0 in (("mini-wan", 0.2), ("mini-flux", defaults.T0)):
+        args = train.parse_args(["--backbone", name, "--data", str(tmp_path), "--synthetic", "--degradation", "haze",
+                                 "--out", str(tmp_path / "run")])
+        assert args.t0 == t0
+        spec = backbone.BACKBONES[name]
+        assert sample.restore_options(sample.parse_args(["--image", "x.png"]), spec.kind, spec.t0).t0 == t0
+    given = train.parse_args(["--backbone", "mini-wan", "--data", str(tmp_path), "--synthetic", "--degradation",
+                              "haze", "--t0", "0.3", "--out", str(tmp_path / "run")])
+    assert given.t0 == 0.3
+    assert sample.restore_options(sample.parse_args(["--image", "x.png", "--t0", "0.3"]), "wan", 0.2).t0 == 0.3
