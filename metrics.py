@@ -302,20 +302,29 @@ def load_lpips(
     The files' keys are merged; torchvision's unused `classifier.*` keys are dropped; any other missing, extra
     or mis-shaped key is a CheckpointError. No paths -> LPIPSUnavailable: LPIPS is never computed without them.
     """
+    state = _merged_weights(paths, "LPIPS", "--lpips-weights", LPIPS_WEIGHTS_HELP)
+    return build(lambda _: LPIPS(), None, state, device=device)
+
+
+def _merged_weights(paths: str | os.PathLike | Sequence[str | os.PathLike] | None, metric: str, flag: str,
+                    help_text: str) -> dict[str, Tensor]:
+    """The float32 tensors of one or more weight files, merged; the backbone's ImageNet `classifier.*` keys
+    (AlexNet's, VGG's: not part of the metric) dropped; a key in two files is a CheckpointError; no paths ->
+    LPIPSUnavailable (a learned metric is never computed with random weights)."""
     if not paths:
-        raise LPIPSUnavailable("LPIPS is unavailable: no weights given (e.g. --lpips-weights PATH). "
-                               + LPIPS_WEIGHTS_HELP + ". It is never computed with random weights.")
+        raise LPIPSUnavailable(f"{metric} is unavailable: no weights given (e.g. {flag} PATH). "
+                               + help_text + ". It is never computed with random weights.")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     state: dict[str, Tensor] = {}
     for path in paths:
         for key, value in read_state_dict(path).items():
-            if key.startswith("classifier."):  # AlexNet's ImageNet classifier: not part of LPIPS
+            if key.startswith("classifier."):
                 continue
             if key in state:
-                raise CheckpointError(f"{path}: key {key} is also in an earlier LPIPS weight file")
+                raise CheckpointError(f"{path}: key {key} is also in an earlier {metric} weight file")
             state[key] = value.float()
-    return build(lambda _: LPIPS(), None, state, device=device)
+    return state
 
 
 # ================================================================================================ the authors'
@@ -458,19 +467,7 @@ def load_dists(
 ) -> DISTS:
     """A DISTS with real weights read from `paths` (DISTS_WEIGHTS_HELP's key sets, in one or more files); the
     same rules as `load_lpips` (no paths: LPIPSUnavailable; a wrong key set: CheckpointError)."""
-    if not paths:
-        raise LPIPSUnavailable("DISTS is unavailable: no weights given (e.g. --dists-weights PATH). "
-                               + DISTS_WEIGHTS_HELP + ". It is never computed with random weights.")
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    state: dict[str, Tensor] = {}
-    for path in paths:
-        for key, value in read_state_dict(path).items():
-            if key.startswith("classifier."):  # VGG's ImageNet classifier: not part of DISTS
-                continue
-            if key in state:
-                raise CheckpointError(f"{path}: key {key} is also in an earlier DISTS weight file")
-            state[key] = value.float()
+    state = _merged_weights(paths, "DISTS", "--dists-weights", DISTS_WEIGHTS_HELP)
     return build(lambda _: DISTS(), None, state, device=device)
 
 

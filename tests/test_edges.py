@@ -31,16 +31,22 @@ def picture(path: Path, h: int = 32, w: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def run_sample(capsys, *argv) -> tuple[int, str]:
-    """sample.main in this process: (exit status, stderr)."""
+def run_main(main, capsys, argv) -> tuple[int, object]:
+    """A command line's main in this process: (exit status, what it printed; a SystemExit message on stderr)."""
     try:
-        sample.main([str(a) for a in argv])
+        main([str(a) for a in argv])
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
-    return code, capsys.readouterr().err
+    return code, capsys.readouterr()
+
+
+def run_sample(capsys, *argv) -> tuple[int, str]:
+    """sample.main in this process: (exit status, stderr)."""
+    code, captured = run_main(sample.main, capsys, argv)
+    return code, captured.err
 
 
 @pytest.fixture
@@ -238,14 +244,8 @@ import weights  # noqa: E402
 
 
 def run_train(capsys, *argv) -> tuple[int, str]:
-    try:
-        train.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-    captured = capsys.readouterr()
+    """train.main in this process: (exit status, stderr and stdout)."""
+    code, captured = run_main(train.main, capsys, argv)
     return code, captured.err + captured.out
 
 

@@ -55,9 +55,9 @@ def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int,
     options = restore.RestoreOptions(steps=steps, t0=bb.spec.t0, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
     if isinstance(prompt_files, Path):
         bank = restore.load_bank(prompt_files, bb)
-        length, _ = restore.chunk_plan(1 << 30, chunk_frames, chunk_overlap)
 
         def blind(clip):
+            length, _ = restore.chunk_plan(clip.shape[1], chunk_frames, chunk_overlap)
             velocity, decided = restore.blind_velocity(bb, bank, clip[:, :length])
             print(f"  auto: {estimator.describe_weights(decided)}", flush=True)
             return restore.restore_video(bb, velocity, clip, options)
