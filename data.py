@@ -240,6 +240,26 @@ DEGRADATIONS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
     "snow": snow,
     "jpeg": jpeg,
 }
+ORDER = ("haze", "snow", "rain", "motion-blur", "blur", "lowlight", "noise", "jpeg")  # physical order of a mixture
+
+
+def combined(names: Sequence[str]) -> str:
+    """The name of several degradations applied together, in physical order (`ORDER`: the scene's haze, snow
+    and rain first, then the lens's blur, the exposure and the sensor's noise): ["lowlight", "haze"] ->
+    "haze+lowlight"."""
+    unknown = [n for n in names if n not in DEGRADATIONS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"unknown degradation {unknown[0]!r}; choose from {sorted(DEGRADATIONS)}" if unknown else
+                         f"need distinct degradation names, got {list(names)}")
+    return "+".join(sorted(names, key=ORDER.index))
+
+
+def degrade(x: Tensor, name: str, generator: torch.Generator) -> Tensor:
+    """x [3, H, W] or [3, F, H, W] degraded by `name`: one of DEGRADATIONS, or several joined by "+" (each applied
+    in `ORDER` and clamped to [0, 1], drawing from `generator` in turn)."""
+    for part in combined(name.split("+")).split("+"):
+        x = DEGRADATIONS[part](x, generator).clamp(0, 1)
+    return x
 
 # ============================================================================================== datasets
 #
@@ -434,6 +454,7 @@ class Synthetic:
     [3, F, H, W]). The clean source is cropped first (start frame, then corner), then degraded with the same
     generator, so the pair is a pure function of (index, generator state). Several degradations (a list) make a
     mixture, as for an all-in-one prompt: each pair draws one of them uniformly (after the crop) and applies it.
+    A name may join several with "+" ("haze+lowlight": both, in physical order; `degrade`).
     """
 
     def __init__(
@@ -444,10 +465,12 @@ class Synthetic:
         frames: int | None = None,
     ):
         names = [degradation] if isinstance(degradation, str) else list(degradation)
-        unknown = [name for name in names if name not in DEGRADATIONS]
-        if unknown or not names:
-            raise ValueError(f"unknown degradation {unknown[0] if unknown else names!r}; choose from {sorted(DEGRADATIONS)}")
-        self.degradations = [DEGRADATIONS[name] for name in names]
+        if not names:
+            raise ValueError(f"Synthetic needs a degradation; choose from {sorted(DEGRADATIONS)}")
+        for name in names:
+            combined(name.split("+"))  # ValueError for an unknown one
+        self.degradations = [DEGRADATIONS[name] if name in DEGRADATIONS else
+                             lambda x, generator, name=name: degrade(x, name, generator) for name in names]
         self.size, self.frames = _check_size(size), _check_frames(frames)
         if isinstance(sources, (str, os.PathLike)):
             sources = media.list_images(sources) if frames is None else media.list_videos(sources)

@@ -1,12 +1,14 @@
 """Blind restoration: which degradations does an input show? A small CNN on the pixels, and the prompt bank.
 
 `--prompt auto` (sample.py) restores without being told the degradation: the estimator scores each degradation
-of the prompt bank from the degraded pixels (multi-label: a hazy, dark photo scores high on both), `weights`
-turns the scores into prompt weights, and restore.velocity_for mixes the prompts' velocities with them. It
-looks only at pixels, so one estimator serves every backbone (FLUX, Wan, the miniatures) and costs a few
-milliseconds per image, nothing next to one model evaluation. When one degradation clearly dominates, the
+of the prompt bank from the degraded pixels (multi-label: a hazy, dark photo scores high on both),
+`prompt_weights` turns the scores into prompt weights, and restore.velocity_for mixes the prompts' velocities
+with them. It looks only at pixels, so one estimator serves every backbone (FLUX, Wan, the miniatures) and costs
+a few milliseconds per image, nothing next to one model evaluation. When one degradation clearly dominates, the
 weights collapse to that single prompt, so a blind restoration costs exactly as many model evaluations as a
-named one.
+named one. A bank records its combine rule: "mix" weights every present degradation's prompt (the paper's
+average of prompts for a mixed input), "top" takes the most likely one's alone; which restores better depends
+on the backbone and is measured (on the miniature, averaging two prompts' velocities dilutes both: mini/blind.py).
 
     est = fit(photos, ["noise", "blur", "haze", "rain", "lowlight", "snow"])     # synthetic pairs, CPU, minutes
     decided = est.decide(degraded)                  # {"haze": 0.86, "lowlight": 0.14}: prompt_weights of its scores
@@ -51,20 +53,15 @@ import weights
 BANK_FORMAT = "ypt-prompt-bank/1"
 ESTIMATOR_FORMAT = "ypt-estimator/1"
 BANK_NAME = "bank.safetensors"  # a miniature's shipped bank, folder/prompts/bank.safetensors (`--prompt auto`)
-ORDER = ("haze", "snow", "rain", "motion-blur", "blur", "lowlight", "noise", "jpeg")  # physical order of a mixture
+ORDER = data.ORDER  # physical order of a mixture
 PRESENT = 0.5  # a score at least this: the degradation is present (until `calibrate` chooses the estimator's own)
 MINOR = 0.15  # a present degradation whose share of the weight is below this is dropped
+COMBINE = ("mix", "top")  # how the present degradations become prompt weights (`prompt_weights`)
 
 
 def degrade(clean: Tensor, names: Sequence[str], generator: torch.Generator) -> Tensor:
     """clean [3, H, W] (or a video [3, F, H, W]) with every degradation of `names` applied, in `ORDER`."""
-    unknown = [n for n in names if n not in data.DEGRADATIONS]
-    if unknown:
-        raise ValueError(f"unknown degradation {unknown[0]!r}; choose from {sorted(data.DEGRADATIONS)}")
-    x = clean
-    for name in sorted(names, key=ORDER.index):
-        x = data.DEGRADATIONS[name](x, generator).clamp(0, 1)
-    return x
+    return data.degrade(clean, data.combined(names), generator) if names else clean
 
 
 # ---------------------------------------------------------------------------------------------- the network
@@ -97,17 +94,21 @@ class Estimator(nn.Module):
 
     `names`: the degradations scored, in order (the bank's prompts). `size`: the overview's side; `detail`:
     the side of the native-resolution centre crop (smaller inputs are seen whole); `width`: channels of the
-    first convolution; `threshold`: the score from which a degradation counts as present (`calibrate`)."""
+    first convolution; `threshold`: the score from which a degradation counts as present (`calibrate`);
+    `combine`: "mix" (every present degradation's prompt, weighted by score) or "top" (the most likely one's
+    alone), `prompt_weights`' rule, chosen per bank by measuring (`estimator.py bank --combine`)."""
 
     def __init__(self, names: Sequence[str], size: int = 64, detail: int = 96, width: int = 16,
-                 threshold: float = PRESENT):
+                 threshold: float = PRESENT, combine: str = "mix"):
         super().__init__()
         if not names or len(set(names)) != len(names):
             raise ValueError(f"the estimator needs distinct degradation names, got {list(names)}")
         if not 0 < threshold < 1:
             raise ValueError(f"the presence threshold must lie in (0, 1), got {threshold}")
+        if combine not in COMBINE:
+            raise ValueError(f"the combine rule is one of {COMBINE}, got {combine!r}")
         self.names, self.size, self.detail, self.width = list(names), size, detail, width
-        self.threshold = threshold
+        self.threshold, self.combine = threshold, combine
         self.overview = _branch(6, width)
         self.fine = _branch(9, width)
         self.head = nn.Sequential(nn.Linear(8 * width, 2 * width), nn.ReLU(), nn.Linear(2 * width, len(names)))
@@ -115,7 +116,7 @@ class Estimator(nn.Module):
     @property
     def config(self) -> dict:
         return {"names": self.names, "size": self.size, "detail": self.detail, "width": self.width,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "combine": self.combine}
 
     def views(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """image [3, H, W] in [0, 1] -> (overview [3, size, size], detail [3, d, d] with d <= detail)."""
@@ -153,15 +154,20 @@ class Estimator(nn.Module):
 
     def decide(self, degraded: Tensor) -> dict[str, float]:
         """degraded [3, H, W] or [3, F, H, W] -> prompt weights {degradation: weight} (`prompt_weights`)."""
-        return prompt_weights(self.scores(degraded), self.threshold)
+        return prompt_weights(self.scores(degraded), self.threshold, self.combine)
+
+    def detected(self, degraded: Tensor) -> set[str]:
+        """The degradations it sees in `degraded` (present, not minor), whatever the combine rule."""
+        return set(prompt_weights(self.scores(degraded), self.threshold, "mix"))
 
 
-def prompt_weights(scores: dict[str, float], threshold: float = PRESENT) -> dict[str, float]:
-    """Scores -> prompt weights summing to 1: the present degradations (score >= `threshold`) in proportion to
-    their scores, dropping those with a share below MINOR; none present: the single best-scoring one. A single
-    prompt (weight 1) whenever one clearly dominates, so the restoration costs what a named one does."""
+def prompt_weights(scores: dict[str, float], threshold: float = PRESENT, combine: str = "mix") -> dict[str, float]:
+    """Scores -> prompt weights summing to 1. "mix": the present degradations (score >= `threshold`) in
+    proportion to their scores, dropping those with a share below MINOR; "top": the best-scoring one alone.
+    None present: the best-scoring one. A single prompt (weight 1) whenever one clearly dominates, so the
+    restoration costs what a named one does."""
     present = {n: s for n, s in scores.items() if s >= threshold}
-    if not present:
+    if not present or combine == "top":
         best = max(scores, key=scores.get)
         return {best: 1.0}
     total = sum(present.values())
@@ -272,11 +278,11 @@ def calibrate(estimator: Estimator, cleans: Sequence[Tensor], count: int = 600, 
 
 
 def accuracy(estimator: Estimator, examples: Sequence[tuple[Tensor, Sequence[str]]]) -> dict[str, float]:
-    """Exact-set accuracy of the decision (`prompt_weights`' names == the true names) per label set ("haze",
+    """Exact-set accuracy of the detection (`Estimator.detected` == the true names) per label set ("haze",
     "haze+lowlight", "clean"): examples [(degraded [3, H, W], true names)]."""
     hits: dict[str, list[bool]] = {}
     for degraded, truth in examples:
-        decided = set(estimator.decide(degraded))
+        decided = estimator.detected(degraded)
         key = "+".join(sorted(truth, key=ORDER.index)) or "clean"
         hits.setdefault(key, []).append(decided == set(truth) if truth else True)
     return {key: sum(h) / len(h) for key, h in hits.items()}
@@ -291,7 +297,8 @@ def decision_accuracy(rows: Sequence[dict], names: Sequence[str]) -> dict[str, t
         truth = set(row["degradation"].split("+"))
         if "auto" not in row or not truth <= set(names):
             continue
-        hits.setdefault(row["degradation"], []).append(set(row["auto"]) == truth)
+        chosen = {part for name in row["auto"] for part in name.split("+")}  # a combination prompt: its parts
+        hits.setdefault(row["degradation"], []).append(chosen == truth)
     return {name: (sum(h) / len(h), len(h)) for name, h in hits.items()}
 
 
@@ -328,7 +335,7 @@ def _read(path: Path, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str,
 def _estimator_from(path: Path, state: dict[str, Tensor], config: dict) -> Estimator:
     try:
         estimator = Estimator(config["names"], int(config["size"]), int(config["detail"]), int(config["width"]),
-                              float(config["threshold"]))
+                              float(config["threshold"]), config.get("combine", "mix"))  # older files: mix
         weights.load_into(estimator, state)
     except (KeyError, TypeError, ValueError, weights.CheckpointError) as err:
         raise ValueError(f"{path}: the estimator does not fit its config {config}: {err}") from None
@@ -348,16 +355,37 @@ def load_estimator(path: str | os.PathLike) -> Estimator:
 
 
 class Bank:
-    """A loaded prompt bank: `names` (degradations, in order), `prompts` [(module, metadata)] in that order,
-    `estimator` scoring the same names."""
+    """A loaded prompt bank: `names` (the estimator's degradations in its order, then any combinations such as
+    "haze+lowlight"), `prompts` [(module, metadata)] in that order, `estimator` scoring the single degradations."""
 
     def __init__(self, names: list[str], prompt_list: list[tuple[nn.Module, dict]], estimator: Estimator):
         self.names, self.prompts, self.estimator = names, prompt_list, estimator
 
+    def decide(self, degraded: Tensor) -> dict[str, float]:
+        """degraded [3, H, W] or [3, F, H, W] -> prompt weights {bank name: weight}: the prompt trained on exactly
+        the degradations the estimator detects when the bank has one for that combination, else the estimator's
+        decision (its combine rule)."""
+        scores = self.estimator.scores(degraded)
+        seen = prompt_weights(scores, self.estimator.threshold, "mix")
+        if len(seen) > 1 and data.combined(list(seen)) in self.names:
+            return {data.combined(list(seen)): 1.0}
+        return prompt_weights(scores, self.estimator.threshold, self.estimator.combine)
+
+
+def _combination(name: object, singles: Sequence[str]) -> bool:
+    """Whether `name` is a bank's combination prompt name: two or more of `singles`, "+"-joined in ORDER."""
+    if not isinstance(name, str) or "+" not in name or not set(name.split("+")) <= set(singles):
+        return False
+    try:
+        return data.combined(name.split("+")) == name
+    except ValueError:
+        return False
+
 
 def save_bank(path: str | os.PathLike, prompt_files: Sequence[str | os.PathLike], estimator: Estimator) -> None:
     """One file from prompt files (each names its `degradation` in its metadata) and an estimator for exactly
-    those degradations; the prompts are stored in the estimator's order, stacked (same site and shapes)."""
+    those degradations, plus optional prompts for combinations of them ("haze+lowlight", trained on both at
+    once); stored in the estimator's order, then the combinations sorted, stacked (same site and shapes)."""
     loaded = {}
     for file in prompt_files:
         prompt, meta = prompts.load_prompt(file)
@@ -365,9 +393,13 @@ def save_bank(path: str | os.PathLike, prompt_files: Sequence[str | os.PathLike]
         if name in loaded:
             raise ValueError(f"{file}: a second prompt for {name!r}")
         loaded[name] = (prompt, meta, Path(file))
-    if sorted(loaded, key=str) != sorted(estimator.names):
-        raise ValueError(f"the prompts are for {sorted(loaded, key=str)}, the estimator scores {sorted(estimator.names)}")
-    ordered = [loaded[n] for n in estimator.names]
+    combinations = sorted(n for n in loaded if _combination(n, estimator.names))
+    singles = sorted((n for n in loaded if n not in combinations), key=str)
+    if singles != sorted(estimator.names):
+        raise ValueError(f"the prompts are for {singles}, the estimator scores {sorted(estimator.names)} (and "
+                         f"combinations of them, e.g. haze+lowlight)")
+    names = estimator.names + combinations
+    ordered = [loaded[n] for n in names]
     first_state, first_meta = ordered[0][0].state_dict(), ordered[0][1]
     for prompt, meta, file in ordered[1:]:
         state = prompt.state_dict()
@@ -378,7 +410,7 @@ def save_bank(path: str | os.PathLike, prompt_files: Sequence[str | os.PathLike]
                              f"{ordered[0][2]}")
     tensors = {f"prompt.{k}": torch.stack([p.state_dict()[k] for p, _, _ in ordered]) for k in first_state}
     tensors.update({f"estimator.{k}": v for k, v in estimator.state_dict().items()})
-    _write(Path(path), tensors, {"format": BANK_FORMAT, "prompts": estimator.names,
+    _write(Path(path), tensors, {"format": BANK_FORMAT, "prompts": names,
                                  "prompt_metadata": [m for _, m, _ in ordered], "estimator": estimator.config})
 
 
@@ -393,7 +425,9 @@ def load_bank(path: str | os.PathLike) -> Bank:
         names, metas, config = (json.loads(raw[k]) for k in ("prompts", "prompt_metadata", "estimator"))
     except (KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: a prompt bank without readable metadata ({err})") from None
-    if not isinstance(names, list) or not names or len(metas) != len(names) or config.get("names") != names:
+    singles = config.get("names") if isinstance(config.get("names"), list) else []
+    if (not isinstance(names, list) or not names or len(metas) != len(names) or names[:len(singles)] != singles
+            or len(set(names)) != len(names) or not all(_combination(n, singles) for n in names[len(singles):])):
         raise ValueError(f"{path}: the bank names prompts {names} but the estimator scores {config.get('names')}")
     if [m.get("degradation") for m in metas] != names:
         raise ValueError(f"{path}: the prompts' own metadata names {[m.get('degradation') for m in metas]}, "
@@ -469,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bank", help="one bank file from an estimator and one prompt per degradation")
     b.add_argument("--estimator", type=Path, required=True)
     b.add_argument("--prompts", type=Path, nargs="+", required=True)
+    b.add_argument("--combine", choices=COMBINE, help="how present degradations become prompt weights: mix (each "
+                   "present one's prompt, weighted by its score) or top (the most likely one's prompt alone); "
+                   "default: the estimator's (mix). Measure on your backbone: mini/blind.py")
     b.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args(argv)
     try:
@@ -486,7 +523,9 @@ def main(argv: list[str] | None = None) -> None:
             save_estimator(args.output, estimator, {"photos": str(args.photos or args.videos), "count": args.count,
                                                     "epochs": args.epochs, "crop": args.crop, "seed": args.seed})
         else:
-            save_bank(args.output, args.prompts, load_estimator(args.estimator))
+            est = load_estimator(args.estimator)
+            est.combine = args.combine or est.combine
+            save_bank(args.output, args.prompts, est)
         print(f"wrote {args.output}", file=sys.stderr)
     except (ValueError, FileNotFoundError, weights.CheckpointError) as err:
         sys.exit(f"estimator.py: error: {err}")

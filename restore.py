@@ -241,7 +241,7 @@ def blind_velocity(bb: backbones.Backbone, bank: estimator.Bank,
     """`--prompt auto` for one input (image [3, H, W] or video [3, F, H, W] in [0, 1]): the estimator's
     decision {degradation: weight} and the velocity mixing only the chosen prompts with those weights (one
     prompt when one dominates: no extra model evaluations)."""
-    decided = bank.estimator.decide(degraded)
+    decided = bank.decide(degraded)
     chosen = [bank.names.index(name) for name in decided]
     velocity = velocity_for(bb, [bank.prompts[i][0] for i in chosen], mix=list(decided.values()))
     return velocity, decided

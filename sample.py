@@ -5,7 +5,7 @@
     python sample.py --video clip.mp4 --wan Wan2.1-T2V-1.3B/ --prompt rain.safetensors -o clip_restored.mp4
     python sample.py --image x.png --flux FLUX.1-dev/ --prompt blur.safetensors --prompt lowlight.safetensors
     python sample.py --eval test.json --flux FLUX.1-dev/ --prompt blur.safetensors -o results/
-    python sample.py --image x.png --prompt auto               # blind: the bank's estimator weights the prompts
+    python sample.py --image x.png --prompt auto               # blind: the bank's estimator chooses the prompt
     torchrun --nproc_per_node 8 sample.py --eval test.json ...        # the items are shared out over the ranks
 
 A restoration encodes the degraded input, walks the bridge from T0 to t_min with the prompted model (bridge.py;
@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "also the name of a shipped prompt (e.g. noise, blur, haze, lowlight). Default: none for "
                    "official weights (the plain pre-trained model on the bridge); for a miniature its recorded "
                    "default (miniature.json: 'auto' with its shipped bank, else its all-in-one prompt). "
-                   "'auto': blind restoration, the prompt bank's estimator (estimator.py) chooses and weights the "
-                   "prompts from each input (a miniature's shipped bank, or --bank)")
+                   "'auto': blind restoration, the prompt bank's estimator (estimator.py) chooses the prompt(s) "
+                   "from each input by the bank's rule: the most likely degradation's, or the present ones' "
+                   "weighted (a miniature's shipped bank, or --bank)")
     g.add_argument("--bank", type=Path, metavar="FILE", help="the prompt bank of --prompt auto (estimator.py bank; "
                    f"default for a miniature: its prompts/{estimator.BANK_NAME})")
     g.add_argument("--no-prompt", action="store_true", help="the plain pre-trained model on the bridge, no learned "

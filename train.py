@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--synthetic) a folder of clean images or videos")
     g.add_argument("--synthetic", action="store_true", help="degrade clean --data on the fly with --degradation")
     g.add_argument("--degradation", nargs="+", default=["unnamed"], help=f"the degradation this prompt is for; with "
-                   f"--synthetic one or several (a mixture, one drawn per pair) of {sorted(data.DEGRADATIONS)} "
-                   "(default: unnamed)")
+                   f"--synthetic one or several (a mixture, one drawn per pair) of {sorted(data.DEGRADATIONS)}, "
+                   "or several joined by + (haze+lowlight: both on every pair) (default: unnamed)")
     g.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="training crop (default: the backbone's, "
                    "e.g. 1024 1024 FLUX, 480 832 Wan)")
     g.add_argument("--frames", type=int, help=f"frames per training clip, 4k+1 (Wan; default {defaults.TRAIN_FRAMES})")
@@ -96,9 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--frames is for video (Wan)")
     if args.frames is not None and not defaults.is_clip_length(args.frames):
         p.error(f"--frames must be 4k+1 (1, 5, 9, ..., 33, ...), got {args.frames}")
-    unknown = [name for name in args.degradation if name not in data.DEGRADATIONS]
-    if args.synthetic and unknown:
-        p.error(f"--synthetic needs --degradation in {sorted(data.DEGRADATIONS)}, got {unknown}")
+    if args.synthetic:
+        for name in args.degradation:
+            try:
+                data.combined(name.split("+"))
+            except ValueError as err:
+                p.error(f"--synthetic --degradation {name}: {err}")
     if len(args.degradation) > 1 and not args.synthetic and spec.source != "tiny":
         p.error("several --degradation names make a mixture: only with --synthetic")
     if spec.source != "tiny" and args.data is None:

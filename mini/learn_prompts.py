@@ -4,7 +4,9 @@
 
 For every degradation (noise, blur, haze, rain, lowlight, snow) and method, one `train.py` run on the frozen
 miniature with crops of the training photos degraded on the fly (`--synthetic`), all with the same settings
-(`SETTINGS`); plus one all-in-one deep prompt ("all-deep") trained on the mixture of the six (each pair draws one):
+(`SETTINGS`); plus one all-in-one deep prompt ("all-deep") trained on the mixture of the six (each pair draws one),
+and deep prompts for three pairs of degradations applied together (`PAIRS`, "haze+lowlight-deep": both on every
+training pair), which the blind bank uses when its estimator sees exactly that pair:
 
     deep   --site deep                 the authors' deep prompt bank on the bridge (the method)
     text   --site text                 offsets on the text encoders' output, on the bridge (the abstract's form)
@@ -37,6 +39,7 @@ MINI = ROOT / "mini"
 PHOTOS = MINI / "runs" / "photos"  # the training photos linked flat (train.py reads one folder)
 DEGRADATIONS = ("noise", "blur", "haze", "rain", "lowlight", "snow")
 ALL = "all"  # the all-in-one prompt: trained on the mixture of DEGRADATIONS
+PAIRS = ("haze+lowlight", "blur+noise", "haze+rain")  # deep prompts for two degradations at once (the bank's pairs)
 METHODS = {  # method -> train.py flags that make it
     "deep": ["--site", "deep"],
     "text": ["--site", "text"],
@@ -92,7 +95,8 @@ def run(degradation: str, method: str, threads: int, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, required=True, help="folder of training photographs (searched recursively)")
-    p.add_argument("--degradation", nargs="+", choices=[*DEGRADATIONS, ALL], default=[*DEGRADATIONS, ALL])
+    p.add_argument("--degradation", nargs="+", choices=[*DEGRADATIONS, ALL, *PAIRS],
+                   default=[*DEGRADATIONS, ALL, *PAIRS])
     p.add_argument("--method", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default: %(default)s)")
     p.add_argument("--steps", type=int, default=SETTINGS["steps"],
@@ -103,7 +107,7 @@ def main() -> None:
     link_photos(args.photos)
 
     for method in args.method:  # method by method: the method's prompts first
-        for degradation in args.degradation if method == "deep" else [d for d in args.degradation if d != ALL]:
+        for degradation in args.degradation if method == "deep" else [d for d in args.degradation if d in DEGRADATIONS]:
             name = run_name(degradation, method, args.steps)
             if baseline_path(degradation, method, args.steps).exists() and not args.force:
                 print(f"{name}: exists, skipped")

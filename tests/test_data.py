@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from pictures import moving, natural, psnr
 
+import data
 from data import DEGRADATIONS, Manifest, PairedFolders, Synthetic
 from media import write_image, write_video
 
@@ -242,9 +243,29 @@ def test_synthetic_images_and_videos(tmp_path):
 
     with pytest.raises(ValueError, match="unknown degradation 'fog'; choose from"):
         Synthetic(sources, "fog", size=24)
+    with pytest.raises(ValueError, match="unknown degradation 'fog'; choose from"):
+        Synthetic(sources, "haze+fog", size=24)
     with pytest.raises(ValueError, match=r"expected float tensors \[3, F, H, W\]"):
         Synthetic(sources, "blur", size=24, frames=5)
     with pytest.raises(ValueError, match="source tensor .* is smaller than the crop 64x64"):
         Synthetic(sources, "blur", size=64).pair(0, gen(0))
     with pytest.raises(ValueError, match="shorter than the clip of 13 frames"):
         Synthetic([clip], "blur", size=16, frames=13).pair(0, gen(0))
+
+
+def test_degradations_joined_by_plus_apply_in_physical_order():
+    """"haze+lowlight" (in either spelling) is haze, then low light, each clamped, from one generator in turn, on
+    every Synthetic pair; a name twice is refused."""
+    clean = data.toy_images(1, 32, 32, seed=4)[0]
+    generator = gen(3)
+    hazy = data.DEGRADATIONS["haze"](clean, generator).clamp(0, 1)
+    expected = data.DEGRADATIONS["lowlight"](hazy, generator).clamp(0, 1)
+    assert data.combined(["lowlight", "haze"]) == "haze+lowlight"
+    assert torch.equal(data.degrade(clean, "lowlight+haze", gen(3)), expected)
+    dataset = Synthetic([clean], "haze+lowlight", size=24)
+    pair_clean, degraded = dataset.pair(0, gen(7))
+    generator = gen(7)
+    crop = Synthetic([clean], "haze", size=24)._clean(clean, generator)
+    assert torch.equal(pair_clean, crop) and torch.equal(degraded, data.degrade(crop, "haze+lowlight", generator))
+    with pytest.raises(ValueError, match="distinct"):
+        data.combined(["haze", "haze"])

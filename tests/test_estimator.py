@@ -87,6 +87,31 @@ def test_prompt_weights_collapse_and_mix():
     assert estimator.prompt_weights({"noise": 0.55, "haze": 0.99, "lowlight": 0.02, "blur": 0.51, "rain": 0.52,
                                      "snow": 0.53}).keys() == {"noise", "haze", "blur", "rain", "snow"}
     assert estimator.describe_weights(mixed) == "haze 0.60, lowlight 0.40"
+    top = {"noise": 0.05, "haze": 0.9, "lowlight": 0.6}
+    assert estimator.prompt_weights(top, combine="top") == {"haze": 1.0}  # present or not: the most likely alone
+
+
+def test_bank_keeps_its_combine_rule_and_refuses_an_unknown_one(tmp_path, fitted, monkeypatch):
+    """`estimator.py bank --combine top` writes a bank that decides one prompt where the estimator alone mixes;
+    the detection (accuracy's view) is the same either way; an unknown rule never loads."""
+    _, files = make_prompts(tmp_path)
+    est_file = tmp_path / "est.safetensors"
+    estimator.save_estimator(est_file, fitted)
+    estimator.main(["bank", "--estimator", str(est_file), "--prompts", *map(str, files), "--combine", "top",
+                    "-o", str(tmp_path / "bank.safetensors")])
+    bank = estimator.load_bank(tmp_path / "bank.safetensors")
+    assert bank.estimator.combine == "top" and fitted.combine == "mix"
+    scores = {"noise": 0.1, "haze": 0.8, "lowlight": 0.7}
+    for est in (bank.estimator, fitted):  # two present: the rules differ
+        monkeypatch.setattr(est, "scores", lambda _: scores)
+    image = data.toy_images(1, 32, 32, seed=1)[0]
+    assert bank.estimator.decide(image) == {"haze": 1.0} and set(fitted.decide(image)) == {"haze", "lowlight"}
+    assert bank.estimator.detected(image) == fitted.detected(image) == {"haze", "lowlight"}
+    odd = rewrite(tmp_path / "bank.safetensors", tmp_path / "odd.safetensors",
+                  lambda h: {**h, "__metadata__": {**h["__metadata__"], "estimator": h["__metadata__"]["estimator"]
+                                                   .replace('"top"', '"vote"')}})
+    with pytest.raises(ValueError, match="combine"):
+        estimator.load_bank(odd)
 
 
 def test_bank_round_trip(tmp_path, fitted):
@@ -101,6 +126,32 @@ def test_bank_round_trip(tmp_path, fitted):
             assert torch.equal(prompt.state_dict()[key], value)
     image = data.toy_images(1, 48, 40, seed=5)[0]
     assert bank.estimator.scores(image) == fitted.scores(image) and bank.estimator.threshold == fitted.threshold
+
+
+def test_bank_with_a_pair_prompt_uses_it_when_it_sees_that_pair(tmp_path, monkeypatch):
+    """A bank may add prompts trained on two degradations at once ("haze+lowlight"): it decides that prompt when
+    the estimator detects exactly that pair, its rule otherwise; `--eval` counts it as both parts; a combination
+    of degradations the estimator does not score, or a name out of physical order, is no bank's prompt."""
+    _, files = make_prompts(tmp_path, names=[*NAMES, "haze+lowlight"])
+    est = toy_estimator()
+    est.combine = "top"
+    estimator.save_bank(tmp_path / "bank.safetensors", files, est)
+    bank = estimator.load_bank(tmp_path / "bank.safetensors")
+    assert bank.names == [*NAMES, "haze+lowlight"] and bank.prompts[3][1]["degradation"] == "haze+lowlight"
+    image = data.toy_images(1, 32, 32, seed=1)[0]
+    for scores, decided in [({"noise": 0.1, "haze": 0.8, "lowlight": 0.7}, {"haze+lowlight": 1.0}),
+                            ({"noise": 0.8, "haze": 0.7, "lowlight": 0.1}, {"noise": 1.0}),  # no such pair: top
+                            ({"noise": 0.1, "haze": 0.8, "lowlight": 0.1}, {"haze": 1.0})]:
+        monkeypatch.setattr(bank.estimator, "scores", lambda _, scores=scores: scores)
+        assert bank.decide(image) == decided
+    rows = [{"degradation": "haze+lowlight", "auto": {"haze+lowlight": 1.0}},
+            {"degradation": "haze+lowlight", "auto": {"haze": 1.0}}]
+    assert estimator.decision_accuracy(rows, bank.names) == {"haze+lowlight": (0.5, 2)}
+    for i, odd in enumerate(("haze+rain", "lowlight+haze")):
+        (tmp_path / str(i)).mkdir()
+        _, odd_files = make_prompts(tmp_path / str(i), names=[*NAMES, odd])
+        with pytest.raises(ValueError, match="the prompts are for"):
+            estimator.save_bank(tmp_path / f"odd{i}.safetensors", odd_files, est)
 
 
 def rewrite(path, target, change):

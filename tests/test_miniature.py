@@ -139,6 +139,27 @@ def test_shipped_prompt_reproduces_the_table(one_thread):
     assert abs(score - recorded) < TABLE_TOLERANCE_DB
 
 
+def test_shipped_bank_restores_with_the_most_likely_prompt_alone(bb, one_thread):
+    """The shipped bank's combine rule, "top" (chosen on crops of the training photos: mini/README.md): on a held-out
+    crop with low light, where the estimator also sees blur, `--prompt auto` takes the low-light prompt alone,
+    which restores more than 1 dB better than the "mix" rule's weighted average of the two prompts."""
+    from mini import blind
+    import estimator
+
+    bank = restore.load_bank(MINI / "prompts" / estimator.BANK_NAME, bb)
+    case = blind.cases().index(("lowlight",))
+    clean = images.heldout_crops()["chelsea"]
+    degraded = blind.degraded_input(clean, ("lowlight",), case, 0)
+    velocity, decided = restore.blind_velocity(bb, bank, degraded)
+    mixed = estimator.prompt_weights(bank.estimator.scores(degraded), bank.estimator.threshold, "mix")
+    assert bank.estimator.combine == "top" and decided == {"lowlight": 1.0} and set(mixed) == {"lowlight", "blur"}
+    average = restore.velocity_for(bb, [bank.prompts[bank.names.index(n)][0] for n in mixed], mix=list(mixed.values()))
+    top, mix = (_psnr_rgb(restore.restore_image(bb, v, degraded, restore.RestoreOptions()), clean)
+                for v in (velocity, average))
+    print(f"chelsea, low light: top {top:.2f} dB, mix {mix:.2f} dB")
+    assert top > mix + 1
+
+
 def test_default_command_beats_the_degraded_input(tmp_path):
     """README's first command, `python sample.py --image mini/example.png`, run as a user would (no backbone, no
     prompt: the shipped miniature and its default prompt), restores better than the degraded input it was given."""

@@ -167,6 +167,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--preset", "tiny", "--backbone", "flux", "--frames", "9", "--out", str(tmp_path)])
     assert "--frames is for video" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--backbone", "mini-flux", "--data", str(tmp_path), "--synthetic", "--degradation",
+                          "haze+fog", "--out", str(tmp_path / "run")])
+    assert "--degradation haze+fog: unknown degradation 'fog'" in capsys.readouterr().err
 
 
 def test_cli_chooses_the_backbone_by_name_with_its_defaults(tmp_path):
@@ -175,6 +179,9 @@ def test_cli_chooses_the_backbone_by_name_with_its_defaults(tmp_path):
     spec = backbone.BACKBONES["mini-flux"]
     assert args.backbone_name == "mini-flux" and args.weights == spec.folder and args.size == spec.train_size
     assert args.degradation == ["haze", "lowlight"]  # a mixture: one drawn per pair
+    both = train.parse_args(["--backbone", "mini-flux", "--data", str(tmp_path), "--synthetic", "--degradation",
+                             "haze+lowlight", "--out", str(tmp_path / "run")])
+    assert both.degradation == "haze+lowlight"  # both on every pair
     same = train.parse_args(["--backbone", "flux", "--weights", str(spec.folder), "--data", str(tmp_path),
                              "--out", str(tmp_path / "run")])
     assert same.backbone_name == "mini-flux" and same.degradation == "unnamed"
