@@ -27,7 +27,9 @@ then the lens's blur, the exposure and the sensor's noise).
 
 The bank file is one safetensors: the prompts stacked along a new first axis (`prompt.<key>` [n, ...], all
 prompts of one site and shape), the estimator's state (`estimator.<key>`) and metadata naming the prompts in
-order, each prompt's own metadata, the estimator's config and a SHA-256 over all of it.
+order, each prompt's own metadata, the estimator's config and a SHA-256 over all of it. Besides one prompt per
+scored degradation it may hold prompts trained on combinations ("haze+lowlight": both on every training pair);
+`Bank.decide` takes such a prompt whole when the estimator detects exactly that combination.
 
     python estimator.py fit --photos ../shared/data/photos -o est.safetensors --threads 1
     python estimator.py bank --estimator est.safetensors --prompts noise.safetensors blur.safetensors ... -o bank.safetensors
