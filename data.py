@@ -469,7 +469,7 @@ class Synthetic:
             raise ValueError(f"Synthetic needs a degradation; choose from {sorted(DEGRADATIONS)}")
         for name in names:
             combined(name.split("+"))  # ValueError for an unknown one
-        self.degradations = [DEGRADATIONS[name] if name in DEGRADATIONS else
+        self.degradations = [DEGRADATIONS[name] if name in DEGRADATIONS else  # a single one: unclamped, as ever
                              lambda x, generator, name=name: degrade(x, name, generator) for name in names]
         self.size, self.frames = _check_size(size), _check_frames(frames)
         if isinstance(sources, (str, os.PathLike)):

@@ -368,9 +368,9 @@ class Bank:
         the degradations the estimator detects when the bank has one for that combination, else the estimator's
         decision (its combine rule)."""
         scores = self.estimator.scores(degraded)
-        seen = prompt_weights(scores, self.estimator.threshold, "mix")
-        if len(seen) > 1 and data.combined(list(seen)) in self.names:
-            return {data.combined(list(seen)): 1.0}
+        seen = list(prompt_weights(scores, self.estimator.threshold, "mix"))
+        if len(seen) > 1 and (both := data.combined(seen)) in self.names:
+            return {both: 1.0}
         return prompt_weights(scores, self.estimator.threshold, self.estimator.combine)
 
 

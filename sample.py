@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "default (miniature.json: 'auto' with its shipped bank, else its all-in-one prompt). "
                    "'auto': blind restoration, the prompt bank's estimator (estimator.py) chooses the prompt(s) "
                    "from each input by the bank's rule: the most likely degradation's, or the present ones' "
-                   "weighted (a miniature's shipped bank, or --bank)")
+                   "weighted; a prompt the bank holds for exactly the pair it sees (a miniature's shipped bank, "
+                   "or --bank)")
     g.add_argument("--bank", type=Path, metavar="FILE", help="the prompt bank of --prompt auto (estimator.py bank; "
                    f"default for a miniature: its prompts/{estimator.BANK_NAME})")
     g.add_argument("--no-prompt", action="store_true", help="the plain pre-trained model on the bridge, no learned "

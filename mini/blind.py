@@ -83,9 +83,10 @@ def accuracy_table(est: estimator.Estimator, eval_folder: Path, count: int | Non
         hits, mass = [], []
         for i, (_, clean) in enumerate(pool):
             x = degraded_input(clean, names, 100 + case, i) if names else clean
-            decided = estimator.prompt_weights(est.scores(x), est.threshold)  # what it detects, any combine rule
+            scores = est.scores(x)
+            decided = estimator.prompt_weights(scores, est.threshold)  # what it detects, any combine rule
             count += 1
-            hits.append(set(decided) == set(names) if names else max(est.scores(x).values()) < est.threshold)
+            hits.append(set(decided) == set(names) if names else max(scores.values()) < est.threshold)
             mass.append(sum(w for n, w in decided.items() if n in names) if names else float("nan"))
         label = "+".join(names) or "clean (nothing scored present)"
         weight = f"{sum(mass) / len(mass):.2f}" if names else "-"
