@@ -182,3 +182,27 @@ def test_reference_restorer_starts_as_the_identity_at_any_size():
 
     x = torch.rand(3, 50, 70, generator=torch.Generator().manual_seed(0))
     assert torch.equal(restorer.restore(restorer.Restorer(), x), x)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_autoencoder_stage_learns_under_either_precision(tmp_path, bf16):
+    """Stage 1's loop (mini.pretrain_ae.train) lowers the reconstruction loss of a tiny autoencoder on one image,
+    in float32 and under bfloat16 autocast (the recipe's --bf16), and leaves float32 weights either way."""
+    from mini import pretrain_ae
+
+    torch.manual_seed(0)
+    config = AutoEncoderParams(resolution=32, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1], num_res_blocks=0,
+                               z_channels=4, scale_factor=1.0, shift_factor=0.0)
+    ae = AutoEncoder(config)
+    pretrain_ae.zero_residual_branches(ae)
+    image = images.heldout_crops()["chelsea"][:, :32, :32][None]
+    generator = torch.Generator().manual_seed(0)
+
+    def loss_fn(model, pixels):
+        return pretrain_ae.reconstruction_loss(model, pixels, 1.0, 1e-6, generator)
+
+    checkpoint = pretrain_ae.Checkpoint(tmp_path / "ae.pt", {})
+    losses = pretrain_ae.train(ae, lambda side, batch: image, loss_fn, 60, 2e-3, generator, checkpoint, 1000,
+                               crops=((32, 1),), log_every=1000, bf16=bf16)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert all(p.dtype == torch.float32 for p in ae.parameters())
