@@ -185,7 +185,7 @@ def test_reference_restorer_starts_as_the_identity_at_any_size():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_autoencoder_stage_learns_under_either_precision(tmp_path, bf16):
+def test_autoencoder_stage_learns_under_either_precision(tmp_path, bf16, one_thread):
     """Stage 1's loop (mini.pretrain_ae.train) lowers the reconstruction loss of a tiny autoencoder on one image,
     in float32 and under bfloat16 autocast (the recipe's --bf16), and leaves float32 weights either way."""
     from mini import pretrain_ae
