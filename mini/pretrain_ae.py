@@ -194,8 +194,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--lowfreq-weight", type=float, default=10.0, help="weight of the 4x4-pooled MSE (default: %(default)s)")
     p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (2.3x faster on a CPU with AMX; weights and "
-                   "optimizer stay float32)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (2.3x faster on a CPU with AMX; "
+                   "weights and optimizer stay float32; on a CPU without native bfloat16, e.g. AVX2 only, it is "
+                   "emulated and about 20x SLOWER)")
+    p.add_argument("--init", type=Path, help="start from these autoencoder weights (an ae.safetensors of this config) "
+                   "instead of from scratch: a longer schedule continued in another session or on another machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
@@ -204,6 +207,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.steps < 1 or args.save_every < 1:
         p.error("--steps and --save-every must be positive")
+    if args.init is not None and not args.init.is_file():
+        p.error(f"--init {args.init}: no such file")
 
     start = time.time()
     photos = images.load_photos(args.photos)
@@ -213,8 +218,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     ae = AutoEncoder(CONFIG)
     zero_residual_branches(ae)
+    if args.init is not None:
+        weights.load_into(ae, weights.read_state_dict(args.init), dtype=torch.float32)
     settings = {k: v for k, v in vars(args).items()
                 if k in ("steps", "lr", "lowfreq_weight", "kl_weight", "seed", "bf16")}
+    settings["init"] = args.init.name if args.init is not None else None
     checkpoint = Checkpoint(args.out / "checkpoints" / "ae.pt", settings | {"config": asdict(CONFIG)})
     losses = train(ae, lambda size, batch: images.random_crops(photos, batch, size, generator, SCALES),
                    lambda model, pixels: reconstruction_loss(model, pixels, args.lowfreq_weight, args.kl_weight, generator),

@@ -206,3 +206,28 @@ def test_autoencoder_stage_learns_under_either_precision(tmp_path, bf16, one_thr
                                crops=((32, 1),), log_every=1000, bf16=bf16)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert all(p.dtype == torch.float32 for p in ae.parameters())
+
+
+def test_autoencoder_stage_continues_from_init_weights(tmp_path, monkeypatch, one_thread):
+    """`mini.pretrain_ae --init` starts from the given weights: one step at a negligible learning rate writes the
+    shipped autoencoder back unchanged (a fresh start would differ everywhere) and records where it started; a
+    missing --init file is refused before any photo is read."""
+    from mini import pretrain_ae
+
+    for folder, name in (("photos", "chelsea"), ("photos", "coffee"), ("eval/kodak24", "flower"), ("eval/cbsd68", "kodim23")):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / f"{name}.png").write_bytes((MINI / "heldout" / f"{name}.png").read_bytes())
+    argv = ["pretrain_ae", "--photos", str(tmp_path / "photos"), "--eval", str(tmp_path / "eval"),
+            "--out", str(tmp_path / "out"), "--steps", "1", "--lr", "1e-12"]
+    monkeypatch.setattr(sys, "argv", argv + ["--init", str(tmp_path / "missing.safetensors")])
+    with pytest.raises(SystemExit) as refused:
+        pretrain_ae.main()
+    assert refused.value.code == 2 and not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(sys, "argv", argv + ["--init", str(MINI / "ae.safetensors")])
+    pretrain_ae.main()
+    shipped, written = weights.read_state_dict(MINI / "ae.safetensors"), weights.read_state_dict(tmp_path / "out" / "ae.safetensors")
+    assert shipped.keys() == written.keys()
+    assert max((shipped[k].float() - written[k]).abs().max().item() for k in shipped) < 1e-6
+    figures = json.loads((tmp_path / "out" / "figures.json").read_text())["autoencoder"]
+    assert figures["init"] == "ae.safetensors" and figures["steps"] == 1
