@@ -30,7 +30,7 @@ NETWORKS = {  # json entry -> (file, model class, config class)
     "t5": ("t5.safetensors", T5Encoder, T5Config),
     "clip": ("clip.safetensors", CLIPTextEncoder, CLIPTextConfig),
 }
-AE_MIN_PSNR = 27.0  # dB, mean over the four held-out crops; see mini/figures.json for the measured value
+AE_MIN_PSNR = 30.5  # dB, mean over the four held-out crops; see mini/figures.json for the measured value
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_autoencoder_reconstructs_heldout(bb):
 @torch.no_grad()
 def test_text_pathway_has_leverage(bb):
     """Pre-training on captioned looks gave the text stream a say, if a small one: at the bridge's start (t = T0) on
-    a held-out latent the caption "hazy" moves the velocity away from that of "clean" by 2.3% of its norm (measured
+    a held-out latent the caption "hazy" moves the velocity away from that of "clean" by 3.7% of its norm (measured
     on the shipped weights; README: too little for a prompt to steer most degradations)."""
     x0 = bb.encode(images.heldout_crops()["kodim23"][None] * 2 - 1)
     x_t = 0.6 * x0 + 0.4 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
