@@ -49,6 +49,9 @@ from model import tiling
 ProgressFn = Callable[[int, int], None]  # (model evaluations done, total) of one restoration
 
 
+FRAME_NOISE = ("independent", "shared")  # a video's starting noise: drawn anew per latent frame, or one for all
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
     """The sampler's and the sizes' settings of one restoration (validated on construction)."""
@@ -67,8 +70,11 @@ class RestoreOptions:
     autocast: str | None = None  # e.g. "float16": the DiT runs under torch.autocast of that dtype
     vae_sample_seed: int | None = None  # encode with latent_dist.sample() from a generator of this seed
     fixed_noise: bool = False  # every call (every video chunk) starts from the noise of `seed` itself
+    frame_noise: str = "independent"  # video: "shared": one noise frame of `seed`, the same at every latent frame
 
     def __post_init__(self):
+        if self.frame_noise not in FRAME_NOISE:
+            raise ValueError(f"frame_noise must be one of {FRAME_NOISE}, got {self.frame_noise!r}")
         if self.timesteps not in ("continuous", "scheduler"):
             raise ValueError(f"timesteps must be 'continuous' or 'scheduler', got {self.timesteps!r}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < defaults.SIZE_MULTIPLE
@@ -311,11 +317,17 @@ def chunk_plan(frames: int, chunk: int, overlap: int) -> tuple[int, list[int]]:
 def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Tensor, options: RestoreOptions,
                   index: int, on_step: Callable[[int, int], None] | None = None) -> Tensor:
     """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU), from chunk `index`'s own
-    starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream."""
+    starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream. With
+    options.frame_noise "shared" every latent frame starts from one noise frame: noise drawn anew per frame is
+    randomness the input does not have, and shows as flicker (mini/wan/README.md)."""
     height, width = clip.shape[2:]
     y = encode(bb, pad_to_16(clip.contiguous())[None] * 2 - 1, options)  # one memory layout, sliced or streamed
-    seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
-    eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
+    if options.frame_noise == "shared":  # the same noise frame at every latent frame of every chunk
+        frame = torch.randn(y[:, :, :1].shape, generator=torch.Generator().manual_seed(options.seed))
+        eps = frame.expand_as(y).to(y.device)
+    else:
+        seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
+        eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
     x0 = bridge.sample(dit_velocity(bb, velocity, options), y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
     return ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
 

@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"(latent_dist.sample(), generator seeded {protocol.PAPER_VAE_SEED}) instead of the mean")
     g.add_argument("--fixed-noise", action="store_true", default=None, help="the same starting noise (--seed) on "
                    "every call, every video chunk included")
+    g.add_argument("--frame-noise", choices=restore.FRAME_NOISE, help="video: the bridge's starting noise drawn "
+                   "anew for every latent frame, or one noise frame shared by all (steadier; default: the backbone's, "
+                   "shared for the video miniature, independent for Wan2.1)")
     g.add_argument("--manifest-paths", choices=["manifest", "cwd"], help="evaluation: manifest paths relative to "
                    "the manifest's folder, or to the working directory (the authors' manifests)")
     g.add_argument("--lenient-manifest", action="store_true", default=None, help="evaluation: `degradation` "
@@ -172,9 +175,10 @@ def apply_protocol(args: argparse.Namespace) -> None:
     args.resize_512 = args.resize_512 or chosen.eval_paper_metrics
 
 
-def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float = defaults.T0) -> restore.RestoreOptions:
-    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known), `t0` is
-    the backbone's T0 (Spec.t0), used unless --t0 gives one."""
+def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float = defaults.T0,
+                    frame_noise: str = "independent") -> restore.RestoreOptions:
+    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known), `t0` and
+    `frame_noise` are the backbone's (Spec), used unless --t0 / --frame-noise give them."""
     size = protocol.PAPER_SIZE[kind] if args.size_policy == "paper" and kind is not None else None
     t0 = t0 if args.t0 is None else args.t0
     return restore.RestoreOptions(steps=args.steps, t0=t0, t_min=args.t_min, seed=args.seed, tile=args.tile,
@@ -182,7 +186,8 @@ def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float
                                   first_frames=args.first_frames, timesteps=args.timesteps,
                                   autocast="float16" if args.dtype == "float16" else None,
                                   vae_sample_seed=protocol.PAPER_VAE_SEED if args.vae_sample else None,
-                                  fixed_noise=args.fixed_noise)
+                                  fixed_noise=args.fixed_noise,
+                                  frame_noise=frame_noise if args.frame_noise is None else args.frame_noise)
 
 
 IMAGE_OUTPUTS = (".png", ".jpg", ".jpeg")  # what media.write_image writes
@@ -419,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_paths(args)
         spec, folder = choose_backbone(args)
-        args.options = restore_options(args, spec.kind, spec.t0)
+        args.options = restore_options(args, spec.kind, spec.t0, spec.frame_noise)
         if not args.prompt and not args.no_prompt and args.text is None and args.bank is None \
                 and isinstance(restore.default_prompt(spec, folder), Path):
             args.prompt = ["auto"]  # the miniature's recorded default: blind restoration with its shipped bank

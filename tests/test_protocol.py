@@ -205,6 +205,28 @@ def test_first_frames_one_pass_fixed_noise_and_size():
         restore.RestoreOptions(size=(100, 64))
 
 
+def test_shared_frame_noise_is_one_frame_for_every_latent_frame_and_chunk(monkeypatch):
+    bb = backbone.tiny("wan")
+    clip = data.toy_videos(1, 9, 32, 32, seed=0)[0]
+    starts = []
+    real_sample = bridge.sample
+    monkeypatch.setattr(bridge, "sample", lambda v, y, eps, *a, **k: starts.append(eps) or real_sample(v, y, eps, *a, **k))
+    for frame_noise in ("shared", "independent"):
+        options = restore.RestoreOptions(steps=1, seed=7, frame_noise=frame_noise)
+        restore.restore_chunk(bb, bb.velocity, clip, options, 0)
+        restore.restore_chunk(bb, bb.velocity, clip, options, 3)
+    shared, shared_later, independent, independent_later = starts
+    assert shared.shape[2] == 3  # 9 frames: three latent frames
+    assert torch.equal(shared, shared[:, :, :1].expand_as(shared)) and torch.equal(shared, shared_later)
+    assert not torch.equal(independent[:, :, 1], independent[:, :, 0])
+    assert not torch.equal(independent, independent_later)
+    assert shared.std().item() == pytest.approx(1, abs=0.2)  # still unit noise
+    with pytest.raises(ValueError, match="frame_noise"):
+        restore.RestoreOptions(frame_noise="correlated")
+    assert backbone.BACKBONES["mini-wan"].frame_noise == "shared"
+    assert backbone.BACKBONES["wan-1.3b"].frame_noise == "independent"
+
+
 def test_their_manifests_read_as_they_are(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

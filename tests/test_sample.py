@@ -203,3 +203,11 @@ def test_t0_defaults_to_the_backbone_table(tmp_path):
                               "haze", "--t0", "0.3", "--out", str(tmp_path / "run")])
     assert given.t0 == 0.3
     assert sample.restore_options(sample.parse_args(["--image", "x.png", "--t0", "0.3"]), "wan", 0.2).t0 == 0.3
+
+
+def test_frame_noise_is_the_backbones_unless_given():
+    args = sample.parse_args(["--video", "x.mp4"])
+    assert sample.restore_options(args, "wan", 0.2, "shared").frame_noise == "shared"
+    assert sample.restore_options(args, "wan").frame_noise == "independent"
+    args = sample.parse_args(["--video", "x.mp4", "--frame-noise", "independent"])
+    assert sample.restore_options(args, "wan", 0.2, "shared").frame_noise == "independent"

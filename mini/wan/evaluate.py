@@ -13,8 +13,8 @@ Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with 
   default        what `sample.py --video` does with no --prompt (restore.default_prompt: auto when the miniature
                  ships a bank, else the all-in-one prompt): a copy of that row, not a second run
 Restoration runs as `sample.py --video` does it (restore.restore_video: 17-frame chunks overlapping by 8,
-cross-faded), at the sampler's defaults (the backbone's T0, 0.2 for mini-wan: backbone.BACKBONES; seed 0; --steps,
-default 20).
+cross-faded), at the sampler's defaults (the backbone's T0 and frame noise, 0.2 and shared for mini-wan:
+backbone.BACKBONES; seed 0; --steps, default 20).
 Flicker: the output's mean absolute frame-to-frame change divided by the clean clip's (1 = as steady as the truth).
 Writes the "restoration" entry of mini/wan/figures.json and prints a markdown table; rows whose prompt file is
 missing are left out (and say so).
@@ -52,7 +52,8 @@ def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int,
     """clip [3, F, H, W] -> restored clip, the way sample.py --video restores (its chunking and sampler); several
     prompt files: their velocities averaged, as sample.py does; a prompt bank (one Path): --prompt auto, decided
     on the clip's first chunk."""
-    options = restore.RestoreOptions(steps=steps, t0=bb.spec.t0, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
+    options = restore.RestoreOptions(steps=steps, t0=bb.spec.t0, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap,
+                                     frame_noise=bb.spec.frame_noise)
     if isinstance(prompt_files, Path):
         bank = restore.load_bank(prompt_files, bb)
 
