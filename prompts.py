@@ -139,9 +139,8 @@ def save_prompt(prompt: nn.Module, path: str | os.PathLike, meta: dict) -> None:
     weights.save_safetensors(prompt.state_dict(), path, metadata={"format": FORMAT, **meta})
 
 
-def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[nn.Module, dict]:
-    """Read a prompt file -> (prompt module, metadata). With `backbone` given, a file made for another backbone
-    is refused with a clear error. JSON-encoded metadata values are decoded."""
+def read_meta(path: str | os.PathLike) -> dict:
+    """A prompt file's metadata (JSON-encoded values decoded), without its tensors; refuses other files."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: not a prompt file of this project (.safetensors); the authors' released .pt "
@@ -149,7 +148,14 @@ def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[n
     raw = weights.read_metadata(path)
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path}: not a prompt file of this project (no '{FORMAT}' format tag)")
-    meta = {k: _decode(v) for k, v in raw.items()}
+    return {k: _decode(v) for k, v in raw.items()}
+
+
+def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[nn.Module, dict]:
+    """Read a prompt file -> (prompt module, metadata). With `backbone` given, a file made for another backbone
+    is refused with a clear error."""
+    path = Path(path)
+    meta = read_meta(path)
     if backbone is not None and meta["backbone"] != backbone:
         raise ValueError(f"{path}: this prompt was trained for {meta['backbone']} ({meta['config']}), not {backbone}")
     state = weights.read_state_dict(path)

@@ -71,6 +71,7 @@ class RestoreOptions:
     vae_sample_seed: int | None = None  # encode with latent_dist.sample() from a generator of this seed
     fixed_noise: bool = False  # every call (every video chunk) starts from the noise of `seed` itself
     frame_noise: str = "independent"  # video: "shared": one noise frame of `seed`, the same at every latent frame
+    prompt_t0: bool = False  # --prompt auto: each input at the T0 its chosen prompts were trained at, not `t0`
 
     def __post_init__(self):
         if self.frame_noise not in FRAME_NOISE:
@@ -178,6 +179,15 @@ def t0_warnings(files: Sequence[Path], metas: Sequence[dict], t0: float) -> list
             for f, meta in zip(files, metas) if "t0" in meta and meta["t0"] != t0]
 
 
+def trained_t0(metas: Sequence[dict], mix: Sequence[float] | None = None) -> float | None:
+    """The bridge T0 the prompts were trained at (their metadata's "t0"): one prompt's own, several prompts' mean
+    weighted by `mix` (equal weights without one); None when none records it (sample at the backbone's T0)."""
+    pairs = [(meta["t0"], w) for meta, w in zip(metas, mix or [1.0] * len(metas)) if "t0" in meta]
+    if not pairs or sum(w for _, w in pairs) <= 0:
+        return None
+    return round(sum(t0 * w for t0, w in pairs) / sum(w for _, w in pairs), 6)
+
+
 def check_text_prompting(spec: backbones.Spec | None) -> None:
     """Text prompting needs an official snapshot's text encoders and tokenizers, or the image miniature (whose
     captions are words of its own small vocabulary): a ValueError otherwise."""
@@ -251,6 +261,15 @@ def blind_velocity(bb: backbones.Backbone, bank: estimator.Bank,
     chosen = [bank.names.index(name) for name in decided]
     velocity = velocity_for(bb, [bank.prompts[i][0] for i in chosen], mix=list(decided.values()))
     return velocity, decided
+
+
+def decided_options(bank: estimator.Bank, decided: dict[str, float], options: RestoreOptions) -> RestoreOptions:
+    """The options of one `--prompt auto` decision: with `options.prompt_t0`, at the T0 its prompts were trained
+    at (`trained_t0`, weighted by the decision); else `options` themselves."""
+    if not options.prompt_t0:
+        return options
+    t0 = trained_t0([bank.prompts[bank.names.index(name)][1] for name in decided], list(decided.values()))
+    return options if t0 is None else dataclasses.replace(options, t0=t0)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -477,11 +496,12 @@ def evaluate_item(bb: backbones.Backbone, velocity: bridge.VelocityFn | None, it
     decided = None
     if bank is not None:
         velocity, decided = blind_velocity(bb, bank, degraded)
+        options = decided_options(bank, decided, options)
     restored = restore(bb, velocity, degraded, options, progress)
     if restored.ndim == 4:  # the frames that were restored
         degraded, clean = degraded[:, :restored.shape[1]], clean[:, :restored.shape[1]]
     row = {"name": name, "dataset": item.dataset, "degradation": item.degradation,
-           **({"auto": decided} if decided is not None else {}),
+           **({"auto": decided, "t0": options.t0} if decided is not None else {}),
            **measure(restored, clean, resize, lpips, paper, dists, no_reference),
            **{f"input_{k}": v for k, v in measure(degraded, clean, resize, lpips, paper, dists, no_reference).items()}}
     return restored, row

@@ -33,6 +33,7 @@ import defaults
 import estimator
 import media
 import metrics
+import prompts
 import protocol
 import restore
 import runtime
@@ -79,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("sampler")
     g.add_argument("--steps", type=int, default=defaults.STEPS, help="model evaluations on the bridge "
                    "(default: %(default)s)")
-    g.add_argument("--t0", type=float, help=f"bridge start time T0 (default: the backbone's, {defaults.T0} but for "
-                   "mini-wan's 0.2: backbone.BACKBONES)")
+    g.add_argument("--t0", type=float, help="bridge start time T0 (default: the T0 the prompts were trained at, "
+                   "their mean when several differ; --prompt auto: per input, its chosen prompts'; no prompt: the "
+                   f"backbone's, {defaults.T0} but for mini-wan's 0.2: backbone.BACKBONES)")
     g.add_argument("--t-min", type=float, default=defaults.T_MIN, help="last time of the sampler "
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, help=f"seed of the starting noise (default: {defaults.SEED}; "
@@ -177,13 +179,14 @@ def apply_protocol(args: argparse.Namespace) -> None:
 
 def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float = defaults.T0,
                     frame_noise: str = "independent") -> restore.RestoreOptions:
-    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known), `t0` and
-    `frame_noise` are the backbone's (Spec), used unless --t0 / --frame-noise give them."""
+    """The restoration's options; `kind` ("flux", "wan") sizes --size-policy paper (None: not yet known), `t0` (the
+    named prompts' trained T0, else the backbone's) and `frame_noise` (the backbone's, Spec) are used unless --t0 /
+    --frame-noise give them; without --t0, --prompt auto samples each input at its chosen prompts' T0."""
     size = protocol.PAPER_SIZE[kind] if args.size_policy == "paper" and kind is not None else None
-    t0 = t0 if args.t0 is None else args.t0
-    return restore.RestoreOptions(steps=args.steps, t0=t0, t_min=args.t_min, seed=args.seed, tile=args.tile,
-                                  chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap, size=size,
-                                  first_frames=args.first_frames, timesteps=args.timesteps,
+    prompt_t0, t0 = args.t0 is None, t0 if args.t0 is None else args.t0
+    return restore.RestoreOptions(steps=args.steps, t0=t0, prompt_t0=prompt_t0, t_min=args.t_min, seed=args.seed,
+                                  tile=args.tile, chunk_frames=args.chunk_frames, chunk_overlap=args.chunk_overlap,
+                                  size=size, first_frames=args.first_frames, timesteps=args.timesteps,
                                   autocast="float16" if args.dtype == "float16" else None,
                                   vae_sample_seed=protocol.PAPER_VAE_SEED if args.vae_sample else None,
                                   fixed_noise=args.fixed_noise,
@@ -307,11 +310,13 @@ def bank_file(args: argparse.Namespace, spec: backbones.Spec, folder: Path | Non
     return path
 
 
-def decide(bb, bank, degraded: torch.Tensor, label: str):
-    """--prompt auto on one input: its velocity, after printing what the estimator decided."""
+def decide(bb, bank, degraded: torch.Tensor, label: str, options: restore.RestoreOptions):
+    """--prompt auto on one input: its (velocity, options), after printing what the estimator decided."""
     velocity, decided = restore.blind_velocity(bb, bank, degraded)
-    print(f"{label}: auto: {estimator.describe_weights(decided)}", file=sys.stderr)
-    return velocity
+    options = restore.decided_options(bank, decided, options)
+    print(f"{label}: auto: {estimator.describe_weights(decided)}" +
+          (f" (T0 {options.t0})" if options.prompt_t0 else ""), file=sys.stderr)
+    return velocity, options
 
 
 def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
@@ -328,9 +333,10 @@ def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         try:
             image = media.read_image(path)
             progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
+            options = args.options
             if bank is not None:
-                velocity = decide(bb, bank, image, path.name)
-            restored = restore.restore_image(bb, velocity, image, args.options, progress)
+                velocity, options = decide(bb, bank, image, path.name, options)
+            restored = restore.restore_image(bb, velocity, image, options, progress)
             target = out_dir / f"{stem}.png" if folder else (args.output or Path(f"{path.stem}_restored.png"))
             media.write_image(target, side_by_side(image, restored) if args.side_by_side else restored)
         except ValueError as err:
@@ -355,21 +361,23 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         info = streaming.probe(args.video)
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
+        options = args.options
         if bank is not None:  # decided on the first chunk's frames
             first = list(itertools.islice(streaming.iter_frames(args.video), length))
-            velocity = decide(bb, bank, torch.stack(first, dim=1), args.video.name)
+            velocity, options = decide(bb, bank, torch.stack(first, dim=1), args.video.name, options)
         progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)")
-        restore.restore_video_file(bb, velocity, args.video, target, args.options, progress, args.side_by_side)
+        restore.restore_video_file(bb, velocity, args.video, target, options, progress, args.side_by_side)
         print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
         return
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
     if args.options.first_frames is not None:  # one pass over the first frames
         length, starts = defaults.clip_length_at_most(min(video.frames.shape[1], args.options.first_frames)), [0]
+    options = args.options
     if bank is not None:
-        velocity = decide(bb, bank, video.frames, args.video.name)
+        velocity, options = decide(bb, bank, video.frames, args.video.name, options)
     progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)", enabled=rank == 0)
-    restored = restore.restore_video(bb, velocity, video.frames, args.options, progress, rank, world)
+    restored = restore.restore_video(bb, velocity, video.frames, options, progress, rank, world)
     if rank == 0:
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         frames = side_by_side(video.frames, restored) if args.side_by_side else restored
@@ -399,7 +407,9 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         keys = ("backbone", "flux", "wan", "preset", "prompt", "text", "steps", "t0", "t_min", "seed", "tile",
                 "resize_512", "protocol", "size_policy", "first_frames", "timesteps", "dtype", "vae_sample",
                 "fixed_noise", "manifest_paths", "lenient_manifest", "paper_metrics")
-        settings = runtime.record({k: v for k, v in vars(args).items() if k in keys})
+        settings = runtime.record({k: v for k, v in vars(args).items() if k in keys} |
+                                  {"t0": args.options.t0, "t0_per_input": bank is not None and args.options.prompt_t0,
+                                   "frame_noise": args.options.frame_noise})
         with runtime.atomic_file(out_dir / "results.json") as tmp:
             tmp.write_text(json.dumps({"summary": summary, "items": rows, "settings": settings}, indent=1))
         with runtime.atomic_file(out_dir / "results.md") as tmp:
@@ -424,12 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_paths(args)
         spec, folder = choose_backbone(args)
-        args.options = restore_options(args, spec.kind, spec.t0, spec.frame_noise)
         if not args.prompt and not args.no_prompt and args.text is None and args.bank is None \
                 and isinstance(restore.default_prompt(spec, folder), Path):
             args.prompt = ["auto"]  # the miniature's recorded default: blind restoration with its shipped bank
         auto = bank_file(args, spec, folder) if args.prompt == ["auto"] else None
         files = restore.prompt_files(args.prompt, spec, folder, args.no_prompt) if auto is None else []
+        t0 = restore.trained_t0([prompts.read_meta(f) for f in files]) or spec.t0  # the prompts' own T0
+        args.options = restore_options(args, spec.kind, t0, spec.frame_noise)
         if args.text is not None:
             restore.check_text_prompting(spec)
         rank, world, device = runtime.setup_distributed()
@@ -447,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                 metas = [meta for _, meta in bank.prompts]
                 files = [Path(f"{auto.name}[{name}]") for name in bank.names]
             print(f"restoring with {how}", file=sys.stderr)
-            for warning in restore.t0_warnings(files, metas, args.options.t0):
+            decided_t0 = bank is not None and args.options.prompt_t0  # (each input at its chosen prompts' T0)
+            for warning in [] if decided_t0 else restore.t0_warnings(files, metas, args.options.t0):
                 print(f"sample.py: warning: {warning}", file=sys.stderr)
         run = run_image if args.image is not None else run_video if args.video is not None else run_eval
         run(args, bb, velocity, rank, world, bank)

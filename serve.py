@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import backbone as backbones
+import bridge
 import defaults
 import estimator
 import media
@@ -77,6 +78,7 @@ class Model:
     text: bool
     text_cache: Path | None = None
     bank: estimator.Bank | None = None
+    t0s: dict = field(default_factory=dict)  # prompt name -> the T0 it was trained at (restore.trained_t0)
 
     def velocity(self, choice: str, words: str):
         if choice == "text":
@@ -107,8 +109,10 @@ def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | Non
     velocities = {"none": restore.velocity_for(bb)}
     for path, prompt in zip(files, modules):
         velocities[path.stem] = restore.velocity_for(bb, [prompt])
+    t0s = {path.stem: restore.trained_t0([meta]) for path, (_, meta) in zip(files, loaded)}
     if len(modules) > 1:
         velocities["all"] = restore.velocity_for(bb, modules)
+        t0s["all"] = restore.trained_t0([meta for _, meta in loaded])
     try:
         restore.check_text_prompting(bb.spec)
         text = True
@@ -117,7 +121,8 @@ def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | Non
     if text and bb.spec.source == "miniature":  # a miniature's words come from the vocabulary it records
         text = bool(json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary"))
     default = "auto" if bank is not None else "all" if len(modules) > 1 else files[0].stem if files else "none"
-    return Model(bb, velocities, default, text, text_cache, restore.load_bank(bank, bb) if bank is not None else None)
+    return Model(bb, velocities, default, text, text_cache, restore.load_bank(bank, bb) if bank is not None else None,
+                 t0s)
 
 
 @dataclass
@@ -168,11 +173,12 @@ class Jobs:
                t0: float | None = None) -> Job:
         """Check an upload (already in its job folder as `upload`) by decoding it and queue its job; `prompt`:
         the choice for each kind ({"image": "haze", "video": None}; None: the model's default); `t0`: the
-        request's bridge T0 (None: the backbone's, Spec.t0)."""
+        request's bridge T0 (None: the prompt's trained T0, per input for "auto", else the backbone's, Spec.t0)."""
         kind, pixels = self._decode(upload)
         model = self.models[kind]
-        options = replace(options, t0=model.bb.spec.t0 if t0 is None else t0)
         prompt = prompt.get(kind) or model.default
+        options = replace(options, t0=(model.t0s.get(prompt) or model.bb.spec.t0) if t0 is None else t0,
+                          prompt_t0=t0 is None)
         if prompt == "text":
             if not model.text:
                 raise RequestError(400, f"{model.bb.name} has no text prompting")
@@ -282,12 +288,13 @@ class Jobs:
         model = self.models[job.kind]
         velocity = model.velocity(job.prompt, job.text) if job.prompt != "auto" else None
 
-        def decide(degraded: torch.Tensor):
+        def decide(degraded: torch.Tensor) -> tuple[bridge.VelocityFn, restore.RestoreOptions]:
             if velocity is not None:
-                return velocity
+                return velocity, job.options
             chosen, decided = restore.blind_velocity(model.bb, model.bank, degraded)
             job.decided = estimator.describe_weights(decided)
-            return chosen
+            job.options = restore.decided_options(model.bank, decided, job.options)  # (its T0 shows on the page)
+            return chosen, job.options
 
         def progress(done: int, total: int) -> None:
             if job.cancel:
@@ -297,7 +304,8 @@ class Jobs:
         job.total = job.options.steps
         if job.kind == "image":
             image = media.read_image(job.folder / "input.png")
-            restored = restore.restore_image(model.bb, decide(image), image, job.options, progress)
+            chosen, options = decide(image)
+            restored = restore.restore_image(model.bb, chosen, image, options, progress)
             media.write_image(job.folder / "output.png", restored)
             job.files.append("output.png")
             return
@@ -307,8 +315,8 @@ class Jobs:
         job.total = len(starts) * job.options.steps
         media.write_video(job.folder / "input.mp4", video.frames, video.fps)
         job.files.append("input.mp4")
-        chosen = decide(video.frames[:, :length])  # auto: decided on the first chunk's frames, as sample.py does
-        restored = restore.restore_video(model.bb, chosen, video.frames, job.options, progress)
+        chosen, options = decide(video.frames[:, :length])  # auto: decided on the first chunk, as sample.py does
+        restored = restore.restore_video(model.bb, chosen, video.frames, options, progress)
         media.write_video(job.folder / "output.mp4", restored, video.fps, audio_from=upload if video.has_audio else None)
         media.write_image(job.folder / "strip.png", frame_strip(video.frames, restored))
         job.files += ["output.mp4", "strip.png"]
@@ -487,8 +495,8 @@ def first(query: dict, key: str, default):
 
 
 def request_options(query: dict) -> tuple[restore.RestoreOptions, float | None]:
-    """The sampler settings a request asks for (steps; t0, None when absent or empty: the backbone's, known once
-    the upload is decoded) checked before the body is read; 400 for a malformed or invalid one."""
+    """The sampler settings a request asks for (steps; t0, None when absent or empty: the prompt's trained T0, else
+    the backbone's, known once the upload is decoded) checked before the body is read; 400 for a malformed or invalid one."""
     try:
         steps = int(first(query, "steps", defaults.STEPS))
         given = first(query, "t0", "")

@@ -11,7 +11,7 @@ defaults.mix_seed(5000 + case, image), quantised to 8 bits; with --photos, rando
 photos instead (seed 99; degradation seeds 7000 + case), the validation set on which the shipped bank's combine
 rule was chosen. `accuracy`: the estimator's exact-set decision
 accuracy on every crop, for every single degradation, every pair and the clean crop. `restore`: per case and
-image the restorations (PSNR, 20 steps, T0 0.4, seed 0) with
+image the restorations (PSNR, 20 steps, seed 0, each at its prompts' trained T0) with
   named    the correct prompt (a pair: each of its two prompts alone, both averaged (the paper's recipe), and
            the bank's prompt trained on the pair itself when it has one)
   auto     the bank's estimator's prompts and weights by the bank's combine rule (when it decides one prompt
@@ -27,6 +27,7 @@ the markdown table (`--table`).
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -104,23 +105,32 @@ def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, 
     bb = backbone.load_miniature(MINI)
     bank = restore.load_bank(bank_path, bb)
     named = {n: p for n, (p, _) in zip(bank.names, bank.prompts)}
+    metas = {n: meta for n, (_, meta) in zip(bank.names, bank.prompts)}
     options = restore.RestoreOptions(steps=steps)
+
+    def at(names: list[str], mix: list[float] | None = None, extra: list[dict] = ()) -> restore.RestoreOptions:
+        """The options of a restoration with these prompts: at the T0 they were trained at (as sample.py)."""
+        t0 = restore.trained_t0([metas[n] for n in names] + list(extra), mix)
+        return options if t0 is None else dataclasses.replace(options, t0=t0)
+
     all_path = MINI / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"
     rows = {}
     if all_path.exists():
-        rows["all"] = restore.velocity_for(bb, [restore.load_prompts([all_path], bb)[0][0]])
+        all_prompt, all_meta = restore.load_prompts([all_path], bb)[0]
+        rows["all"] = (restore.velocity_for(bb, [all_prompt]), at([], extra=[all_meta]))
     pool = validation_crops(photos, count) if photos else crops(eval_folder, count)
     base = VALIDATION_BASE if photos else HELDOUT_BASE
     if fill is not None:
         records = json.loads(out.read_text())
-        average = restore.velocity_for(bb, list(named.values())) if fill == "uniform" else rows[fill]
+        average, run = ((restore.velocity_for(bb, list(named.values())), at(list(named))) if fill == "uniform"
+                        else rows[fill])
         for record in records:
             if fill in record:
                 continue
             case = [tuple(c) for c in cases()].index(tuple(record["case"].split("+")))
             i, clean = next((i, c) for i, (n, c) in enumerate(pool) if n == record["image"])
             x = degraded_input(clean, tuple(record["case"].split("+")), case, i, base)
-            record[fill] = restore.measure(restore.restore_image(bb, average, x, options), clean)["psnr"]
+            record[fill] = restore.measure(restore.restore_image(bb, average, x, run), clean)["psnr"]
             with runtime.atomic_file(fill_out or out) as tmp:
                 tmp.write_text(json.dumps(records, indent=1))
             print(f"{record['case']} {record['image']}: {fill} {record[fill]:.2f}", flush=True)
@@ -139,25 +149,26 @@ def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, 
             record["mixed"] = estimator.prompt_weights(bank.estimator.scores(x), bank.estimator.threshold, "mix")
             results = {}
             for n in names:
-                results[f"named {n}"] = restore.restore_image(bb, restore.velocity_for(bb, [named[n]]), x, options)
+                results[f"named {n}"] = restore.restore_image(bb, restore.velocity_for(bb, [named[n]]), x, at([n]))
             if len(names) > 1:
                 both = restore.velocity_for(bb, [named[n] for n in names])
-                results["named both"] = restore.restore_image(bb, both, x, options)
+                results["named both"] = restore.restore_image(bb, both, x, at(list(names)))
                 if record["case"] in named:  # the bank's prompt trained on this pair
                     pair = restore.velocity_for(bb, [named[record["case"]]])
-                    results[f"named {record['case']}"] = restore.restore_image(bb, pair, x, options)
+                    results[f"named {record['case']}"] = restore.restore_image(bb, pair, x, at([record["case"]]))
             for row, weights in (("auto", record["decided"]), ("mix", record["mixed"])):
                 timer = time.time()
                 single = f"named {next(iter(weights))}" if len(weights) == 1 else None
                 if single not in results:  # a single correct prompt: its named restoration is reused
                     chosen = [named[n] for n in weights]
                     results[single or row] = restore.restore_image(
-                        bb, restore.velocity_for(bb, chosen, mix=list(weights.values())), x, options)
+                        bb, restore.velocity_for(bb, chosen, mix=list(weights.values())), x,
+                        at(list(weights), list(weights.values())))
                 results[row] = results[single or row]
                 record[f"{row}_s"] = time.time() - timer
-            for row, v in rows.items():
+            for row, (v, run) in rows.items():
                 timer = time.time()
-                results[row] = restore.restore_image(bb, v, x, options)
+                results[row] = restore.restore_image(bb, v, x, run)
                 record[f"{row}_s"] = time.time() - timer
             record.update({k: restore.measure(r, clean)["psnr"] for k, r in results.items()})
             records.append(record)

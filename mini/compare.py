@@ -10,7 +10,9 @@ Evaluation sets (never trained on; every degradation drawn from its own fixed se
     unseen    the four mini/heldout/ crops degraded six ways with settings of our own (`mini/unseen.py`)
 
 Rows (`ROWS`), PSNR and SSIM in RGB against the clean crop (restore.measure), means per column; every sampled row
-uses the default sampler (the backbone's T0 0.4, 20 steps, t_min 1e-4, seed 0):
+uses the default sampler (20 steps, t_min 1e-4, seed 0) at the T0 its prompt was trained at, as sample.py does:
+0.4 (the backbone's) for every baseline, deep04 and the all-in-one prompt; each degradation's own for deep
+(mini/learn_prompts.py T0); the chosen prompts' for auto; the column's deep prompt's for empty and text:
 
     input     the degraded input itself
     ceiling   the clean crop's autoencoder round trip: no latent method can do better
@@ -19,7 +21,9 @@ uses the default sampler (the backbone's T0 0.4, 20 steps, t_min 1e-4, seed 0):
     naive     the deep prompt learned on the naive path, for the column's degradation
     textsite  offsets on the text encoders' output (`--site text`), learned on the bridge, for the column's degradation
     token     the text-token baseline (`--site token`): input vectors through the frozen tiny encoders, on the bridge
-    deep      the deep prompt learned on the bridge (the method), for the column's degradation (the oracle choice)
+    deep04    the deep prompt learned on the bridge (the method) at T0 0.4, for the column's degradation (the oracle
+              choice): the method at the baselines' T0
+    deep      the shipped deep prompt of the column's degradation, learned at that degradation's T0
     all       the all-in-one deep prompt, trained on the mixture of the six
     auto      `--prompt auto`: the shipped bank's estimator chooses and weights the six deep prompts per input
     restorer  the reference: a small U-Net trained from scratch on the same pairs for one prompt run's wall time
@@ -30,6 +34,7 @@ Writes mini/results.json, mini/RESULTS.md, mini/grid.png and mini/example.png.
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -59,7 +64,8 @@ ROWS = {
     "naive": "naive prompt learning (deep prompt, naive path)",
     "textsite": "bridge, text-output site (`--site text`)",
     "token": "text-token optimisation (`--site token`)",
-    "deep": "**bridge deep prompt**, named degradation (the method)",
+    "deep04": "bridge deep prompt at T0 0.4, named degradation (the method at the baselines' T0)",
+    "deep": "**bridge deep prompt**, named degradation (the method, at its degradation's T0)",
     "all": "all-in-one deep prompt (no name needed)",
     "auto": "`--prompt auto` (no name needed)",
     "restorer": "reference: small U-Net trained on the pairs, one prompt run's compute",
@@ -115,38 +121,48 @@ def degradation_of(column: str) -> str:
 
 
 def velocities(bb: backbone.Backbone) -> dict[str, object]:
-    """Row -> velocity function, or row -> {degradation: velocity} for the rows that name the degradation."""
+    """Row -> (velocity function, T0), or row -> {degradation: (velocity, T0)} for the rows that name the
+    degradation; "auto" -> a function of the degraded input. Each prompt is sampled at the T0 it was trained at
+    (restore.trained_t0); T0 None (empty, text): the column's shipped deep prompt's, so that each column compares
+    the prompts with the frozen model at one T0."""
     def prompt(path: Path):
-        return restore.load_prompts([path], bb)[0][0]
+        return restore.load_prompts([path], bb)[0]
 
     deep = {d: prompt(MINI / "prompts" / f"{d}.safetensors") for d in DEGRADATIONS}
-    rows = {"empty": restore.velocity_for(bb),
-            "text": restore.velocity_for(bb, conditioning=restore.text_conditioning(bb, "clean")),
-            "deep": {d: restore.velocity_for(bb, [p]) for d, p in deep.items()},
-            "uniform": restore.velocity_for(bb, list(deep.values()))}
+    rows = {"empty": (restore.velocity_for(bb), None),
+            "text": (restore.velocity_for(bb, conditioning=restore.text_conditioning(bb, "clean")), None),
+            "deep": {d: (restore.velocity_for(bb, [p]), restore.trained_t0([meta])) for d, (p, meta) in deep.items()},
+            "uniform": (restore.velocity_for(bb, [p for p, _ in deep.values()]),
+                        restore.trained_t0([meta for _, meta in deep.values()]))}
     if (MINI / "prompts" / f"{ALL}.safetensors").exists():
-        rows["all"] = restore.velocity_for(bb, [prompt(MINI / "prompts" / f"{ALL}.safetensors")])
-    for method, row in (("naive", "naive"), ("text", "textsite"), ("token", "token")):
-        trained = {d: restore.velocity_for(bb, [prompt(baseline_path(d, method))]) for d in DEGRADATIONS
-                   if baseline_path(d, method).exists()}
-        if trained:
-            rows[row] = trained  # (the degradations whose baseline prompt was trained)
+        module, meta = prompt(MINI / "prompts" / f"{ALL}.safetensors")
+        rows["all"] = (restore.velocity_for(bb, [module]), restore.trained_t0([meta]))
+    for method, row in (("deep", "deep04"), ("naive", "naive"), ("text", "textsite"), ("token", "token")):
+        trained = {d: prompt(baseline_path(d, method)) for d in DEGRADATIONS if baseline_path(d, method).exists()}
+        if trained:  # (the degradations whose baseline prompt was trained)
+            rows[row] = {d: (restore.velocity_for(bb, [p]), restore.trained_t0([meta]))
+                         for d, (p, meta) in trained.items()}
     if BANK.exists():
         bank = restore.load_bank(BANK, bb)
-        rows["auto"] = lambda degraded: restore.blind_velocity(bb, bank, degraded)[0]  # one decision per input
+
+        def auto(degraded: Tensor, options: restore.RestoreOptions):  # one decision per input, at its prompts' T0
+            velocity, decided = restore.blind_velocity(bb, bank, degraded)
+            return velocity, restore.decided_options(bank, decided, options)
+        rows["auto"] = auto
     return rows
 
 
 @torch.no_grad()
 def measure_rows(bb: backbone.Backbone, items: list[dict], rows: list[str], out: Path) -> list[dict]:
-    """One record per (row, item): {"row", "set", "column", "name", "psnr", "ssim"}; restored images to out/."""
-    options = restore.RestoreOptions(t0=bb.spec.t0)
+    """One record per (row, item): {"row", "set", "column", "name", "psnr", "ssim", "t0"}; restored images to out/."""
+    options = restore.RestoreOptions(t0=bb.spec.t0, prompt_t0=True)
     chosen = velocities(bb)
     reference = restorer.load() if restorer.TARGET.exists() else None
     records = []
     start = time.time()
     for row in rows:
         for k, item in enumerate(items):
+            t0 = None
             if row == "input":
                 result = item["degraded"]
             elif row == "ceiling":
@@ -158,17 +174,22 @@ def measure_rows(bb: backbone.Backbone, items: list[dict], rows: list[str], out:
             elif row not in chosen or (row == "uniform" and item["set"] == "unseen"):
                 continue  # (uniform costs six model evaluations a step: measured on the training family only)
             else:
-                velocity = chosen[row]
                 if row == "auto":
-                    velocity = velocity(item["degraded"])
-                elif isinstance(velocity, dict):
-                    if degradation_of(item["column"]) not in velocity:
-                        continue
-                    velocity = velocity[degradation_of(item["column"])]
-                result = restore.restore_image(bb, velocity, item["degraded"], options)
+                    velocity, run = chosen[row](item["degraded"], options)
+                else:
+                    entry = chosen[row]
+                    if isinstance(entry, dict):
+                        if degradation_of(item["column"]) not in entry:
+                            continue
+                        entry = entry[degradation_of(item["column"])]
+                    velocity, t0 = entry
+                    t0 = t0 or chosen["deep"][degradation_of(item["column"])][1] or bb.spec.t0
+                    run = dataclasses.replace(options, t0=t0)
+                t0 = run.t0
+                result = restore.restore_image(bb, velocity, item["degraded"], run)
             scores = restore.measure(result, item["clean"])
             records.append({"row": row, "set": item["set"], "column": item["column"], "name": item["name"],
-                            "psnr": scores["psnr"], "ssim": scores["ssim"]})
+                            "psnr": scores["psnr"], "ssim": scores["ssim"], "t0": t0})
             if row not in ("input", "ceiling"):
                 media.write_image(out / row / f"{item['column']}-{Path(item['name']).name}.png", result)
         print(f"{row}: done, {(time.time() - start) / 60:.1f} min", flush=True)
@@ -264,7 +285,7 @@ def main() -> None:
     write_grid(MINI / "grid.png", items, args.work, rows)
     default = "auto" if isinstance(restore.default_prompt(backbone.BACKBONES["mini-flux"], MINI), Path) else "all"
     example = pick_example(records, items, default) if default in summary else None
-    result = {"protocol": {"t0": backbone.BACKBONES["mini-flux"].t0, "steps": defaults.STEPS, "t_min": defaults.T_MIN, "seed": defaults.SEED,
+    result = {"protocol": {"t0": "each prompt's (records)", "steps": defaults.STEPS, "t_min": defaults.T_MIN, "seed": defaults.SEED,
                            "eval_count": EVAL_COUNT, "metrics": "PSNR, SSIM on RGB 8-bit levels, 256 px crops"},
               "rows": ROWS, "default": default, "mean": summary, "example": example, "records": records}
     with weights.atomic_file(MINI / "results.json") as tmp:

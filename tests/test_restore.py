@@ -12,6 +12,7 @@ import backbone
 import bridge
 import data
 import defaults
+import estimator
 import prompts
 import restore
 from model import tiling
@@ -174,6 +175,21 @@ def test_t0_warning_names_the_prompt_and_both_times():
     assert restore.t0_warnings(files, metas, 0.4) == ["a.safetensors was trained at T0 0.3; sampling at T0 0.4"]
     assert restore.t0_warnings(files, metas, 0.3) == ["a.safetensors was trained at T0 0.4; sampling at T0 0.3"]
     assert restore.t0_warnings(files[:1], metas[:1], 0.4) == []
+
+
+def test_prompts_are_sampled_at_the_t0_they_were_trained_at():
+    assert restore.trained_t0([{"t0": 0.1}]) == 0.1
+    assert restore.trained_t0([{"t0": 0.1}, {"t0": 0.5}]) == 0.3  # several: the mean
+    assert restore.trained_t0([{"t0": 0.1}, {"t0": 0.5}], [0.75, 0.25]) == 0.2  # weighted as they are mixed
+    assert restore.trained_t0([{}, {}]) is None and restore.trained_t0([]) is None  # the backbone's, then
+    bb = backbone.tiny("flux")
+    bank = estimator.Bank(["haze", "noise"], [(bb.new_prompt("deep", 4), {"t0": 0.5}),
+                                              (bb.new_prompt("deep", 4), {"t0": 0.1})], estimator=None)
+    options = restore.RestoreOptions(t0=0.4, prompt_t0=True)
+    assert restore.decided_options(bank, {"noise": 1.0}, options).t0 == 0.1
+    assert restore.decided_options(bank, {"haze": 0.5, "noise": 0.5}, options).t0 == 0.3
+    fixed = restore.RestoreOptions(t0=0.4)  # --t0 given: every input at it
+    assert restore.decided_options(bank, {"noise": 1.0}, fixed) is fixed
 
 
 @torch.no_grad()

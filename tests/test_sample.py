@@ -168,6 +168,19 @@ def test_prompt_trained_at_another_t0_is_named(tmp_path, inputs, trained, capsys
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_prompt_is_sampled_at_its_own_t0_unless_t0_is_given(tmp_path, inputs, trained, capsys):
+    prompt, meta = prompts.load_prompt(trained / "flux" / "prompt.safetensors")
+    prompts.save_prompt(prompt, tmp_path / "low.safetensors", {**meta, "t0": 0.15})
+    run = ("--preset", "tiny", "--image", inputs / "odd.png", "--prompt", tmp_path / "low.safetensors", "--steps", 2)
+    cli(*run, "-o", tmp_path / "own.png")
+    assert "warning" not in capsys.readouterr().err
+    cli(*run, "--t0", 0.15, "-o", tmp_path / "given.png")
+    cli(*run, "--t0", 0.4, "-o", tmp_path / "backbone.png")
+    assert "trained at T0 0.15; sampling at T0 0.4" in capsys.readouterr().err
+    own, given = media.read_image(tmp_path / "own.png"), media.read_image(tmp_path / "given.png")
+    assert torch.equal(own, given) and not torch.equal(own, media.read_image(tmp_path / "backbone.png"))
+
+
 def test_backbone_by_name_is_the_same_backbone(tmp_path, inputs):
     cli("--preset", "tiny", "--image", inputs / "odd.png", "--steps", 2, "-o", tmp_path / "preset.png")
     cli("--backbone", "tiny-flux", "--image", inputs / "odd.png", "--steps", 2, "-o", tmp_path / "named.png")

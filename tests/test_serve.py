@@ -28,6 +28,7 @@ from PIL import Image
 
 import backbone
 import data
+import defaults
 import estimator
 import media
 import prompts
@@ -118,16 +119,18 @@ def error_of(reply: bytes) -> str:
     return json.loads(reply)["error"]
 
 
-def test_t0_defaults_to_the_backbone_of_the_upload(server, models, monkeypatch):
+def test_t0_defaults_to_the_prompts_then_the_backbone_of_the_upload(server, models, monkeypatch):
     model = models["image"]  # as mini-wan's 0.2 differs from the images' 0.4:
     monkeypatch.setitem(backbone.BACKBONES, model.bb.name, dataclasses.replace(model.bb.spec, t0=0.25))
     status, reply = request(server, "GET", "/api/info")
     assert status == 200 and json.loads(reply)["defaults"]["t0"]["image"] == 0.25
     image = data.toy_images(1, 32, 32, seed=2)[0]
-    job = wait(server, upload(server, png(image), name="a.png", steps=1)["id"])  # no t0: the backbone's
-    assert job["state"] == "done" and job["t0"] == 0.25
-    job = wait(server, upload(server, png(image), name="b.png", steps=1, t0="")["id"])  # empty field: the same
-    assert job["t0"] == 0.25
+    job = wait(server, upload(server, png(image), name="a.png", steps=1, image_prompt="none")["id"])  # no t0 and
+    assert job["state"] == "done" and job["t0"] == 0.25  # no prompt: the backbone's
+    job = wait(server, upload(server, png(image), name="b.png", steps=1, t0="", image_prompt="none")["id"])
+    assert job["t0"] == 0.25  # an empty field: the same
+    job = wait(server, upload(server, png(image), name="p.png", steps=1, image_prompt="prompt")["id"])
+    assert job["t0"] == defaults.T0  # a prompt: the T0 it was trained at
     job = wait(server, upload(server, png(image), name="c.png", steps=1, t0=0.5)["id"])  # given: kept
     assert job["t0"] == 0.5
 

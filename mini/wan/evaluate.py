@@ -21,6 +21,7 @@ missing are left out (and say so).
 """
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 import torch
@@ -53,7 +54,7 @@ def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int,
     prompt files: their velocities averaged, as sample.py does; a prompt bank (one Path): --prompt auto, decided
     on the clip's first chunk."""
     options = restore.RestoreOptions(steps=steps, t0=bb.spec.t0, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap,
-                                     frame_noise=bb.spec.frame_noise)
+                                     frame_noise=bb.spec.frame_noise, prompt_t0=True)
     if isinstance(prompt_files, Path):
         bank = restore.load_bank(prompt_files, bb)
 
@@ -61,9 +62,12 @@ def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int,
             length, _ = restore.chunk_plan(clip.shape[1], chunk_frames, chunk_overlap)
             velocity, decided = restore.blind_velocity(bb, bank, clip[:, :length])
             print(f"  auto: {estimator.describe_weights(decided)}", flush=True)
-            return restore.restore_video(bb, velocity, clip, options)
+            return restore.restore_video(bb, velocity, clip, restore.decided_options(bank, decided, options))
         return blind
-    velocity = restore.velocity_for(bb, [prompt for prompt, _ in restore.load_prompts(prompt_files, bb)])
+    loaded = restore.load_prompts(prompt_files, bb)
+    velocity = restore.velocity_for(bb, [prompt for prompt, _ in loaded])
+    t0 = restore.trained_t0([meta for _, meta in loaded])  # (the prompts' own T0, as sample.py)
+    options = options if t0 is None else dataclasses.replace(options, t0=t0)
     return lambda clip: restore.restore_video(bb, velocity, clip, options)
 
 
