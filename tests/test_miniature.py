@@ -125,14 +125,14 @@ def _psnr_rgb(restored, clean) -> float:
 def test_shipped_prompt_reproduces_the_table(one_thread):
     """One figure of the table, recomputed from the shipped weights and one shipped deep prompt with the table's
     protocol: the four held-out crops degraded with our own low-light settings (mini/unseen.py, fixed seeds),
-    restored with the default sampler, the mean PSNR."""
+    restored with the default sampler at the T0 the prompt was trained at, the mean PSNR."""
     column = "unseen-lowlight"
     items = [i for i in compare.eval_items_unseen() if i["column"] == column]
     bb = backbone.load("mini-flux")
-    (prompt, _), = restore.load_prompts(restore.prompt_files(["lowlight"], bb.spec, bb.folder), bb)
+    (prompt, meta), = restore.load_prompts(restore.prompt_files(["lowlight"], bb.spec, bb.folder), bb)
     velocity = restore.velocity_for(bb, [prompt])
-    scores = [_psnr_rgb(restore.restore_image(bb, velocity, i["degraded"], restore.RestoreOptions()), i["clean"])
-              for i in items]
+    options = restore.RestoreOptions(t0=restore.trained_t0([meta]))
+    scores = [_psnr_rgb(restore.restore_image(bb, velocity, i["degraded"], options), i["clean"]) for i in items]
     score, recorded = sum(scores) / len(scores), RESULTS["mean"]["deep"][column]["psnr"]
     print(f"{column}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
     assert len(items) == len(images.HELDOUT)
@@ -154,8 +154,9 @@ def test_shipped_bank_restores_with_the_most_likely_prompt_alone(bb, one_thread)
     mixed = estimator.prompt_weights(bank.estimator.scores(degraded), bank.estimator.threshold, "mix")
     assert bank.estimator.combine == "top" and decided == {"lowlight": 1.0} and set(mixed) == {"lowlight", "blur"}
     average = restore.velocity_for(bb, [bank.prompts[bank.names.index(n)][0] for n in mixed], mix=list(mixed.values()))
-    top, mix = (_psnr_rgb(restore.restore_image(bb, v, degraded, restore.RestoreOptions()), clean)
-                for v in (velocity, average))
+    options = restore.RestoreOptions(prompt_t0=True)  # each at its prompts' T0, as sample.py
+    top, mix = (_psnr_rgb(restore.restore_image(bb, v, degraded, restore.decided_options(bank, w, options)), clean)
+                for v, w in ((velocity, decided), (average, mixed)))
     print(f"chelsea, low light: top {top:.2f} dB, mix {mix:.2f} dB")
     assert top > mix + 1
 
