@@ -263,13 +263,18 @@ def blind_velocity(bb: backbones.Backbone, bank: estimator.Bank,
     return velocity, decided
 
 
+def at_trained_t0(options: RestoreOptions, metas: Sequence[dict], mix: Sequence[float] | None = None) -> RestoreOptions:
+    """`options` at the T0 these prompts were trained at (`trained_t0`); `options` themselves when none records one."""
+    t0 = trained_t0(metas, mix)
+    return options if t0 is None else dataclasses.replace(options, t0=t0)
+
+
 def decided_options(bank: estimator.Bank, decided: dict[str, float], options: RestoreOptions) -> RestoreOptions:
     """The options of one `--prompt auto` decision: with `options.prompt_t0`, at the T0 its prompts were trained
-    at (`trained_t0`, weighted by the decision); else `options` themselves."""
+    at (weighted by the decision); else `options` themselves."""
     if not options.prompt_t0:
         return options
-    t0 = trained_t0([bank.prompts[bank.names.index(name)][1] for name in decided], list(decided.values()))
-    return options if t0 is None else dataclasses.replace(options, t0=t0)
+    return at_trained_t0(options, [bank.prompts[bank.names.index(name)][1] for name in decided], list(decided.values()))
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -343,7 +348,7 @@ def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Ten
     y = encode(bb, pad_to_16(clip.contiguous())[None] * 2 - 1, options)  # one memory layout, sliced or streamed
     if options.frame_noise == "shared":  # the same noise frame at every latent frame of every chunk
         frame = torch.randn(y[:, :, :1].shape, generator=torch.Generator().manual_seed(options.seed))
-        eps = frame.expand_as(y).to(y.device)
+        eps = frame.to(y.device).expand_as(y)  # one frame crosses to the device, expanded there
     else:
         seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
         eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)

@@ -27,7 +27,6 @@ the markdown table (`--table`).
 """
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -110,8 +109,7 @@ def restore_records(bank_path: Path, eval_folder: Path, count: int, steps: int, 
 
     def at(names: list[str], mix: list[float] | None = None, extra: list[dict] = ()) -> restore.RestoreOptions:
         """The options of a restoration with these prompts: at the T0 they were trained at (as sample.py)."""
-        t0 = restore.trained_t0([metas[n] for n in names] + list(extra), mix)
-        return options if t0 is None else dataclasses.replace(options, t0=t0)
+        return restore.at_trained_t0(options, [metas[n] for n in names] + list(extra), mix)
 
     all_path = MINI / "prompts" / f"{defaults.ALL_IN_ONE}.safetensors"
     rows = {}

@@ -21,7 +21,6 @@ missing are left out (and say so).
 """
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 import torch
@@ -66,8 +65,7 @@ def restorer(bb, prompt_files: list[Path] | Path, steps: int, chunk_frames: int,
         return blind
     loaded = restore.load_prompts(prompt_files, bb)
     velocity = restore.velocity_for(bb, [prompt for prompt, _ in loaded])
-    t0 = restore.trained_t0([meta for _, meta in loaded])  # (the prompts' own T0, as sample.py)
-    options = options if t0 is None else dataclasses.replace(options, t0=t0)
+    options = restore.at_trained_t0(options, [meta for _, meta in loaded])  # (the prompts' own T0, as sample.py)
     return lambda clip: restore.restore_video(bb, velocity, clip, options)
 
 
