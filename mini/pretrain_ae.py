@@ -56,6 +56,12 @@ def update_json(path: Path, **entries) -> None:
         Path(tmp).write_text(json.dumps(spec, indent=2) + "\n")
 
 
+def continue_from(model: nn.Module, path: Path) -> nn.Module:
+    """A continuation stage: `model` starts at a finished stage's weights (cast to float32, keys checked strictly);
+    its optimizer, EMA and learning-rate schedule start afresh. Returns the model."""
+    return weights.load_into(model, weights.read_state_dict(path), dtype=torch.float32)
+
+
 def psnr(a: Tensor, b: Tensor) -> float:
     """PSNR in dB of images in [0, 1] (any shape), over all their pixels together."""
     return (10 * torch.log10(1 / (a.float() - b.float()).square().mean())).item()

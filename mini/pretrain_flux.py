@@ -40,7 +40,7 @@ import data
 import text
 import weights
 from mini import images
-from mini.pretrain_ae import Checkpoint, learning_rate, update_json
+from mini.pretrain_ae import Checkpoint, continue_from, learning_rate, update_json
 from model import flux as flux_model
 from model.autoencoder import AutoEncoder, AutoEncoderParams
 from model.clip import CLIPTextConfig, CLIPTextEncoder
@@ -225,6 +225,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=6e-4, help="peak AdamW learning rate (default: %(default)s)")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (default: %(default)s)")
+    p.add_argument("--init", type=Path, help="continue from these weights (e.g. a finished run's flux.safetensors): "
+                   "a further stage with a fresh optimizer, EMA and --steps schedule of its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--stop-at", type=int, help="write the weights after this step of the --steps schedule (the "
@@ -255,8 +257,11 @@ def main() -> None:
           f"{(time.time() - start) / 60:.1f} min", flush=True)
 
     model = new_flux(args.seed)
+    if args.init:
+        continue_from(model, args.init)
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
+    settings["init"] = str(args.init) if args.init else None
     checkpoint = Checkpoint(args.out / "checkpoints" / "flux.pt", settings | {"config": asdict(FLUX)})
     ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
                         args.stop_at)
@@ -266,13 +271,16 @@ def main() -> None:
     window = max(1, len(losses) // 20)
     curve = [round(sum(losses[i : i + window]) / len(losses[i : i + window]), 4) for i in range(0, len(losses), window)]
     minutes = (time.time() - start) / 60
-    update_json(args.out / "figures.json", flux={
+    figures = args.out / "figures.json"
+    earlier = json.loads(figures.read_text()).get("flux") if args.init and figures.is_file() else None
+    update_json(figures, flux={
         **settings, "stopped_at": len(losses), "params": sum(t.numel() for t in ema.parameters()), "wall_minutes_last_run": round(minutes, 1),
         "pools": [list(p["latents"].shape) for p in pools],
         "look_shares": {w: round(pools[0]["look"][:, i].float().mean().item(), 3) for i, w in enumerate(LOOKS)},
         "loss_curve_window": window, "loss_curve": curve,
         "probe_loss_ema": probe_loss(ema, pools, empty, seed=1234),
         "probe_loss_raw": probe_loss(model, pools, empty, seed=1234),
+        "continued_from": earlier,  # the figures of the stage --init came from
     })
     print(f"loss {curve[0]} -> {curve[-1]}; {minutes:.1f} min")
 

@@ -13,7 +13,7 @@ import torch
 import data
 import media
 import weights
-from mini.pretrain_ae import Checkpoint, psnr
+from mini.pretrain_ae import Checkpoint, continue_from, psnr
 import backbone
 from mini.wan import clips, evaluate, pretrain_vae, pretrain_wan
 from model import wan as wan_model
@@ -154,6 +154,23 @@ def test_dit_partial_run_resumes_to_the_uninterrupted_one(tmp_path):
     assert len(partial) == 5 and resumed_losses == losses
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_continuation_stage_starts_at_the_finished_stages_weights(tmp_path):
+    """--init: the model starts at the saved weights exactly (a bfloat16 file comes back as float32, as shipped
+    weights are stored), whatever its own seed drew; a file with other keys is refused by name."""
+    config = wan_model.WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=64, text_len=4)
+    torch.manual_seed(0)
+    finished = wan_model.WanModel(config)
+    weights.save_safetensors({k: v.to(torch.bfloat16) for k, v in finished.state_dict().items()}, tmp_path / "a.safetensors")
+    torch.manual_seed(1)
+    model = continue_from(wan_model.WanModel(config), tmp_path / "a.safetensors")
+    for (k, a), b in zip(finished.state_dict().items(), model.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.to(torch.bfloat16).float(), b), k
+    assert all(p.requires_grad for p in model.parameters())
+    weights.save_safetensors({"foreign.weight": torch.zeros(2)}, tmp_path / "b.safetensors")
+    with pytest.raises(Exception, match="foreign.weight|missing"):
+        continue_from(wan_model.WanModel(config), tmp_path / "b.safetensors")
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the video miniature is not shipped in this checkout")

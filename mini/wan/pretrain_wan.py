@@ -41,7 +41,7 @@ from torch import Tensor, nn
 import text
 import weights
 from mini import images
-from mini.pretrain_ae import Checkpoint, learning_rate, update_json
+from mini.pretrain_ae import Checkpoint, continue_from, learning_rate, update_json
 from mini.pretrain_flux import CLEAN_SHARE, EMPTY_SHARE, LOOKS, VOCABULARY, apply_look, draw_look, update_ema
 from mini.wan import clips
 from model import wan as wan_model
@@ -189,6 +189,8 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (default: %(default)s)")
     p.add_argument("--stop-at", type=int, help="end after this step of the --steps schedule and write its EMA "
                    "(a partial run; the same command without --stop-at resumes it)")
+    p.add_argument("--init", type=Path, help="continue from these weights (e.g. a finished run's wan.safetensors): "
+                   "a further stage with a fresh optimizer, EMA and --steps schedule of its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
@@ -223,8 +225,11 @@ def main() -> None:
           f"{(time.time() - start) / 60:.1f} min", flush=True)
 
     model = new_wan(args.seed)
+    if args.init:
+        continue_from(model, args.init)
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
+    settings["init"] = str(args.init) if args.init else None
     # through JSON, as the checkpoint stores them (tuples become lists), so that a resumed run compares equal
     checkpoint = Checkpoint(checkpoints / "wan.pt", json.loads(json.dumps(settings | {"config": asdict(WAN), "pools": POOLS})))
     ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
@@ -235,7 +240,9 @@ def main() -> None:
     window = max(1, args.steps // 20)
     curve = [round(sum(losses[i : i + window]) / len(losses[i : i + window]), 4) for i in range(0, len(losses), window)]
     minutes = (time.time() - start) / 60
-    update_json(args.out / "figures.json", wan={
+    figures = args.out / "figures.json"
+    earlier = json.loads(figures.read_text()).get("wan") if args.init and figures.is_file() else None
+    update_json(figures, wan={
         **settings, "steps_done": len(losses), "params": sum(t.numel() for t in ema.parameters()),
         "wall_minutes_last_run": round(minutes, 1), "pools": [list(p["latents"].shape) for p in pools],
         "look_shares": {w: round(pools[0]["look"][:, i].float().mean().item(), 3) for i, w in enumerate(LOOKS)},
@@ -244,6 +251,7 @@ def main() -> None:
         "probe_loss_ema": probe_loss(ema, pools, empty, seed=1234),
         "probe_loss_raw": probe_loss(model, pools, empty, seed=1234),
         "leverage": leverage(ema, pools[0], umt5, seed=1234),
+        "continued_from": earlier,  # the figures of the stage --init came from
     })
     print(f"loss {curve[0]} -> {curve[-1]}; {minutes:.1f} min")
 
