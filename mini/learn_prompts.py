@@ -117,6 +117,14 @@ def run(degradation: str, method: str, threads: int, steps: int) -> float:
     return seconds
 
 
+def trained_by(method: str, chosen: list[str]) -> list[str]:
+    """Which of the chosen degradations `method` trains: deep every one (singles, pairs, the all-in-one), deep-t0
+    those with a T0 of their own (`T0`), the baselines the six singles."""
+    if method == "deep":
+        return chosen
+    return [d for d in chosen if d in (T0 if method == "deep-t0" else DEGRADATIONS)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, required=True, help="folder of training photographs (searched recursively)")
@@ -132,8 +140,7 @@ def main() -> None:
     link_photos(args.photos)
 
     for method in args.method:  # method by method: the method's prompts first
-        for degradation in (args.degradation if method == "deep" else [d for d in args.degradation if d in T0]
-                            if method == "deep-t0" else [d for d in args.degradation if d in DEGRADATIONS]):
+        for degradation in trained_by(method, args.degradation):
             name = run_name(degradation, method, args.steps)
             if baseline_path(degradation, method, args.steps).exists() and not args.force:
                 print(f"{name}: exists, skipped")

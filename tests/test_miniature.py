@@ -131,7 +131,7 @@ def test_shipped_prompt_reproduces_the_table(one_thread):
     bb = backbone.load("mini-flux")
     (prompt, meta), = restore.load_prompts(restore.prompt_files(["lowlight"], bb.spec, bb.folder), bb)
     velocity = restore.velocity_for(bb, [prompt])
-    options = restore.RestoreOptions(t0=restore.trained_t0([meta]))
+    options = restore.at_trained_t0(restore.RestoreOptions(), [meta])
     scores = [_psnr_rgb(restore.restore_image(bb, velocity, i["degraded"], options), i["clean"]) for i in items]
     score, recorded = sum(scores) / len(scores), RESULTS["mean"]["deep"][column]["psnr"]
     print(f"{column}, deep prompt, mean of {len(items)} crops: {score:.4f} dB (table: {recorded:.4f} dB)")
