@@ -14,8 +14,10 @@ The video counterpart of `mini.pretrain_flux`, with the same looks and the same 
    camera motion over photos): POOLS gives (side, frames, count, batch). Each clip independently gets a look as
    in the image stage (clean with share CLEAN_SHARE, one of the six degradations of `data.DEGRADATIONS` at its
    own random strength, or two), applied to the whole clip, and the caption names it. The clips are encoded once
-   by the stage-1 VAE (normalised posterior means, stored as bfloat16). No clip is ever seen beside a clean version
-   of itself: pre-training is text-to-video generation, never a (degraded, clean) pair.
+   by the stage-1 VAE (normalised posterior means, stored as bfloat16). The pools have a seed of their own
+   (--pool-seed), so that a continuation stage (--init) can draw fresh clips while the text encoder stays. No
+   clip is ever seen beside a clean version of itself: pre-training is text-to-video generation, never a
+   (degraded, clean) pair.
 3. Pre-training. `model/wan.py` at a small config (WAN) learns the rectified-flow objective: x_t = (1 - t) x0 +
    t eps, t ~ U[0, 1], target v = eps - x0, mean squared error, conditioned on the clip's caption, or on the empty
    prompt for a share EMPTY_SHARE of samples. Three steps in four use pool 0, the fourth pool 1 (bigger, longer
@@ -191,7 +193,9 @@ def main() -> None:
                    "(a partial run; the same command without --stop-at resumes it)")
     p.add_argument("--init", type=Path, help="continue from these weights (e.g. a finished run's wan.safetensors): "
                    "a further stage with a fresh optimizer, EMA and --steps schedule of its own")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the text encoder, the DiT's init and training draws")
+    p.add_argument("--pool-seed", type=int, help="seed of the captioned pools (default: --seed + 1); a continuation "
+                   "stage may draw fresh clips of the same footage and photos with another")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is faster on a busy machine")
     args = p.parse_args()
@@ -210,12 +214,13 @@ def main() -> None:
     config = json.loads(spec_file.read_text())["wan_vae"]
     vae = weights.build(WanVAE, WanVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}),
                         args.out / "wan_vae.safetensors")
+    pool_seed = args.seed + 1 if args.pool_seed is None else args.pool_seed
     pool_file = checkpoints / "wan_pools.pt"
     if pool_file.is_file():
         pools = torch.load(pool_file, weights_only=True)
     else:
         footage, photos = clips.load_footage(args.video), images.load_photos(args.photos)
-        generator = torch.Generator().manual_seed(args.seed + 1)
+        generator = torch.Generator().manual_seed(pool_seed)
         pools = [captioned_pool(vae, footage, photos, side, frames, count, umt5, generator)
                  for side, frames, count, _ in POOLS]
         pool_file.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +235,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k in ("steps", "lr", "ema", "seed")}
     settings["init"] = str(args.init) if args.init else None
+    settings["pool_seed"] = pool_seed
     # through JSON, as the checkpoint stores them (tuples become lists), so that a resumed run compares equal
     checkpoint = Checkpoint(checkpoints / "wan.pt", json.loads(json.dumps(settings | {"config": asdict(WAN), "pools": POOLS})))
     ema, losses = train(model, pools, empty, args.steps, args.lr, args.ema, generator, checkpoint, args.save_every,
