@@ -205,6 +205,37 @@ def ssim(
     return sum(scores) / len(scores)
 
 
+def grid_step_ratio(image: Tensor, grid: int) -> float:
+    """How much sharper luma steps are across the lines of a `grid`-pixel grid than elsewhere, for image [3, H, W].
+
+    On the 8-bit BT.601 luma Y (as for `channel="y"`), the absolute steps between horizontal and vertical
+    neighbours are split into those that cross a grid line (between pixel k*grid - 1 and k*grid) and the rest;
+    the ratio of their means is returned (about 1 for a photo: a grid means nothing to it).
+    """
+    if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise ValueError(f"expected a float image [3, H, W] in [0, 1], got {_describe(image)}")
+    if grid < 2 or min(image.shape[-2:]) < 2 * grid:
+        raise ValueError(f"the image must hold two {grid}-pixel cells each way, got {list(image.shape)}")
+    y = rgb_to_y(quantise(image))[0]
+    across, inside = [], []
+    for steps in ((y[:, 1:] - y[:, :-1]).abs(), (y[1:] - y[:-1]).abs().T):  # [rows, cols - 1] step k: k -> k+1
+        on_line = (torch.arange(1, steps.shape[1] + 1) % grid) == 0
+        across.append(steps[:, on_line])
+        inside.append(steps[:, ~on_line])
+    inside_mean = torch.cat([s.flatten() for s in inside]).mean().item()
+    return torch.cat([s.flatten() for s in across]).mean().item() / max(inside_mean, 1e-12)
+
+
+def block_texture(pred: Tensor, target: Tensor, grid: int = 8) -> float:
+    """The block texture a restoration adds on the `grid`-pixel token grid (autoencoder factor x patch size):
+    `grid_step_ratio(pred) - grid_step_ratio(target)`, images [3, H, W] or videos [3, F, H, W] (mean over frames).
+    0: steps across the grid lines are as common in `pred` as in the clean `target`; 0.2: 20% sharper there."""
+    if pred.ndim == 4:
+        pairs = list(zip(pred.transpose(0, 1), target.transpose(0, 1)))
+        return sum(block_texture(p, t, grid) for p, t in pairs) / len(pairs)
+    return grid_step_ratio(pred, grid) - grid_step_ratio(target, grid)
+
+
 # ================================================================================================ LPIPS
 
 # LPIPS v0.1 maps images from [-1, 1] through (x - shift) / scale per RGB channel before the backbone.

@@ -421,3 +421,32 @@ def test_lpips_score_is_the_frame_mean_of_the_definition_on_8_bit_levels():
     expected = sum(d.item() for d in frames) / 2
     assert abs(model.score(pred, target, video=True) - expected) <= 1e-10
     assert abs(frames[0].item() - frames[1].item()) > 1e-4  # a mean of two different numbers
+
+
+# ------------------------------------------------------------------------------------------------ block texture
+
+
+def test_block_texture_sees_a_token_grid_and_not_a_smooth_photo():
+    """A photo plus piecewise-constant 8 x 8 blocks scores well above 0; the photo itself, and the photo shifted
+    off the grid, score 0 (against itself) and near 0; blocks on a 4-pixel grid show on grid=4, less on 8."""
+    import metrics
+
+    photo = _natural("astronaut", 0, 0, 128, 160)
+    generator = torch.Generator().manual_seed(0)
+    blocks = F.interpolate(torch.rand(1, 3, 16, 20, generator=generator) - 0.5, scale_factor=8, mode="nearest")[0]
+    blocky = (photo + 0.15 * blocks).clamp(0, 1)
+    assert metrics.block_texture(photo, photo) == 0
+    assert metrics.block_texture(blocky, photo) > 0.3
+    assert abs(metrics.grid_step_ratio(photo, 8) - 1) < 0.1  # a grid means nothing to a photo
+    shifted = _natural("astronaut", 3, 5, 128, 160)
+    assert abs(metrics.block_texture(shifted, photo)) < 0.05
+    smooth = F.avg_pool2d(photo[None], 5, stride=1, padding=2, count_include_pad=False)[0]
+    assert abs(metrics.grid_step_ratio(smooth, 8) - 1) < 0.1
+    fine = F.interpolate(torch.rand(1, 3, 32, 40, generator=generator) - 0.5, scale_factor=4, mode="nearest")[0]
+    fine_blocky = (photo + 0.15 * fine).clamp(0, 1)
+    assert metrics.block_texture(fine_blocky, photo, grid=4) > 0.3
+    video = torch.stack([blocky, photo], dim=1)  # [3, 2, H, W]: the mean over frames
+    clean = torch.stack([photo, photo], dim=1)
+    assert metrics.block_texture(video, clean) == pytest.approx(metrics.block_texture(blocky, photo) / 2)
+    with pytest.raises(ValueError, match="two 8-pixel cells"):
+        metrics.grid_step_ratio(photo[:, :12, :12], 8)
