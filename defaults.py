@@ -34,6 +34,7 @@ TILE = 1024  # FLUX.1: images larger than TILE x TILE pixels are restored in ove
 SMALL_TILE = 256  # the same for the miniatures and the tiny presets (this project's choice)
 CHUNK_FRAMES = 33  # video chunk length (4k+1) and the overlap of neighbouring chunks (this project's choice)
 CHUNK_OVERLAP = 8
+MAX_PIXELS = 1 << 24  # largest input sample.py (per frame) and serve.py (width x height x frames) decode (ours)
 EVAL_RESIZE = 512  # the paper measures restorations resized to 512 x 512 (an option here, --resize-512)
 
 SIZE_MULTIPLE = 16  # image height and width: 8x VAE then 2x2 patches (FLUX), 8x VAE then 1x2x2 patches (Wan)

@@ -9,11 +9,13 @@ Conventions used everywhere:
     image = read_image("photo.png")                            # [3, H, W]; grayscale, alpha, CMYK are refused
     write_image("out.png", image)                              # atomically; 8-bit PNG round trips are exact
     video = read_video("clip.mp4")                             # Video(frames [3, F, H, W], fps, has_audio)
+    info = probe_video("clip.mp4")                             # frames, fps, size, audio: no frame decoded
     write_video("out.mp4", video.frames, video.fps, audio_from="clip.mp4")
     clip = read_clip("clip.mp4", start=8, count=9)             # [3, 9, H, W]; also folders or lists of frames
 """
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -77,7 +79,18 @@ def list_videos(folder: str | os.PathLike) -> list[Path]:
     return videos
 
 
-def read_image(path: str | os.PathLike) -> Tensor:
+def check_decoded_size(what: str, width: int, height: int, max_pixels: int | None, frames: int = 1) -> None:
+    """Refuse, before decoding, an input whose declared size is empty or whose width x height x frames exceeds
+    `max_pixels` (None: no bound). Raises ValueError naming `what` and the size."""
+    if width < 1 or height < 1:
+        raise ValueError(f"{what}: declares a size of {width}x{height} (WxH); nothing to decode")
+    if max_pixels is not None and width * height * frames > max_pixels:
+        size = f"{width}x{height} (WxH)" + (f" x {frames} frames" if frames > 1 else "")
+        raise ValueError(f"{what}: {size} is {width * height * frames / 1e6:.1f} million pixels decoded; at most "
+                         f"{max_pixels / 1e6:.1f} million are taken (--max-pixels)")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor:
     """Read an RGB image file as float32 [3, H, W] in [0, 1].
 
     Only RGB pixels are accepted, nothing is converted behind your back: grayscale, alpha (RGBA, LA, or a
@@ -85,11 +98,21 @@ def read_image(path: str | os.PathLike) -> Tensor:
     without transparency IS accepted: its palette entries are RGB colours, so the lookup is exact. EXIF
     orientation tags are applied (a phone photo comes upright, as a viewer shows it). An RGBA image whose alpha
     is 255 everywhere (opaque) is read as its RGB; 16-bit RGB is read at 8 bits as Pillow decodes it, like any
-    other RGB file. Unreadable or corrupt files raise ValueError.
+    other RGB file. Unreadable or corrupt files raise ValueError. With `max_pixels`, the size the header declares
+    is checked before any pixel is decoded (`check_decoded_size`).
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: the image declares more pixels than can be decoded safely ({err})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ValueError(f"{path}: cannot read this image file ({err})") from None
+    try:
+        with image:
+            check_decoded_size(str(path), *image.size, max_pixels)
             if getattr(image, "n_frames", 1) > 1:
                 raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
             mode = image.mode
@@ -104,8 +127,8 @@ def read_image(path: str | os.PathLike) -> Tensor:
             image.load()
             image = ImageOps.exif_transpose(image.convert("RGB") if mode == "P" else image)
             pixels = np.asarray(image)
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: cannot read this image file ({err})") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # a known format, broken inside
+        raise ValueError(f"{path}: a {image.format or 'known'} image that cannot be decoded ({err})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
 
 
@@ -162,12 +185,60 @@ def _as_fraction(fps: Fraction | float | int, what: str) -> Fraction:
     return rate
 
 
-def read_video(path: str | os.PathLike, fps: Fraction | float | int | None = None) -> Video:
+@dataclass
+class VideoInfo:
+    """What a video file holds (`probe_video`): frames counted, the rate that keeps its duration, the size."""
+
+    frames: int
+    fps: Fraction
+    height: int
+    width: int
+    has_audio: bool
+
+
+def probe_video(path: str | os.PathLike, max_frames: int | None = None) -> VideoInfo:
+    """What a video file holds, without decoding a frame. The size and audio come from the header; the frame count
+    from the video stream's packets, counted (a header's count can be wrong or absent: never trusted); the rate is
+    the stream's stated average unless its timestamps say otherwise by more than 1% (a variable-rate file), then
+    the constant rate that keeps the clip's duration, (frames - 1) / (last - first timestamp). With `max_frames`,
+    counting stops past max_frames (`frames` is then max_frames + 1: the caller refuses the file)."""
+    path = Path(path)
+    with _open_video(path) as container:
+        stream = container.streams.video[0]
+        count, first, last = 0, None, None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's empty flush packet
+                    continue
+                count += 1
+                if packet.pts is not None:
+                    first = packet.pts if first is None else min(first, packet.pts)
+                    last = packet.pts if last is None else max(last, packet.pts)
+                if max_frames is not None and count > max_frames:
+                    break
+        except av.FFmpegError as err:
+            raise ValueError(f"{path}: cannot read this video ({err})") from None
+        if not count:
+            raise ValueError(f"{path}: the video has no frames")
+        rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
+        if count > 1 and first is not None and last > first and (max_frames is None or count <= max_frames):
+            measured = (Fraction(count - 1) / ((last - first) * stream.time_base)).limit_denominator(1001000)
+            if not rate or abs(measured / rate - 1) > Fraction(1, 100):
+                rate = measured
+        if not rate:
+            raise ValueError(f"{path}: the video stream states no frame rate")
+        return VideoInfo(count, rate, stream.height, stream.width, bool(container.streams.audio))
+
+
+def read_video(path: str | os.PathLike, fps: Fraction | float | int | None = None,
+               max_pixels: int | None = None) -> Video:
     """Read a whole video: a file PyAV can decode (mp4/mov/mkv/webm/avi) or a folder of frame images.
 
     A folder's frames are its image files sorted by name; its rate is `fps`, or DEFAULT_FOLDER_FPS (16, Wan's
-    rate) when none is given, and `has_audio` is False. For a file the rate is read from the stream (`fps`
-    must then be None). Zero frames, an unreadable file or frames of different sizes raise ValueError.
+    rate) when none is given, and `has_audio` is False. For a file the rate is `probe_video`'s (`fps` must then be
+    None). With `max_pixels`, a file whose width x height x frames exceeds it is refused before decoding. Zero
+    frames, an unreadable file, frames of different sizes, or fewer/more decoded frames than packets counted
+    raise ValueError.
     """
     path = Path(path)
     if path.is_dir():
@@ -175,25 +246,22 @@ def read_video(path: str | os.PathLike, fps: Fraction | float | int | None = Non
         return Video(_read_frame_images(list_images(path), str(path)), rate, has_audio=False)
     if fps is not None:
         raise ValueError(f"{path}: fps is only for folders of frames; a video file carries its own rate")
+    info = probe_video(path)
+    check_decoded_size(str(path), info.width, info.height, max_pixels, info.frames)
     with _open_video(path) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ValueError(f"{path}: the video stream states no frame rate")
         frames = _decode_frames(container, path, start=0, count=None)
-        return Video(frames, Fraction(rate), has_audio=bool(container.streams.audio))
+    if frames.shape[1] != info.frames:
+        raise ValueError(f"{path}: {frames.shape[1]} frames decoded from {info.frames} counted packets; the file "
+                         "is damaged or packs several frames per packet")
+    return Video(frames, info.fps, info.has_audio)
 
 
 def video_length(path: str | os.PathLike) -> int:
-    """Number of frames of a video file or of a folder of frames (cheap: from the header when it says)."""
+    """Number of frames of a video file (its packets, counted: `probe_video`) or of a folder of frames."""
     path = Path(path)
     if path.is_dir():
         return len(list_images(path))
-    with _open_video(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames > 0:
-            return stream.frames
-        return sum(1 for _ in container.decode(stream))  # the container does not say: count by decoding
+    return probe_video(path).frames
 
 
 def read_clip(source: str | os.PathLike | Sequence[str | os.PathLike], start: int, count: int) -> Tensor:

@@ -384,11 +384,11 @@ def restore_video(bb: backbones.Backbone, velocity: bridge.VelocityFn, video: Te
 
 def restore_video_file(bb: backbones.Backbone, velocity: bridge.VelocityFn, source: Path, target: Path,
                        options: RestoreOptions, progress: ProgressFn | None = None,
-                       side_by_side: bool = False) -> streaming.VideoInfo:
+                       side_by_side: bool = False) -> media.VideoInfo:
     """Restore the video file `source` into the .mp4 `target` in a stream (streaming.py): the same frames as
     `restore_video` on the whole clip, with memory bounded by one chunk; frame count, exact frame rate and audio
     kept. `side_by_side`: write input | output. Returns what `source` holds."""
-    info = streaming.probe(source)
+    info = media.probe_video(source)
     length, starts = chunk_plan(info.frames, options.chunk_frames, options.chunk_overlap)
     total = len(starts) * options.steps
 

@@ -359,7 +359,7 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     whole = args.options.first_frames is None and args.options.size is None  # else: the first frames, resized
     if args.video.is_file() and world == 1 and whole:  # a stream: memory bounded by one chunk, whatever the length
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
-        info = streaming.probe(args.video)
+        info = media.probe_video(args.video)
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
         options = args.options
         if bank is not None:  # decided on the first chunk's frames

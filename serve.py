@@ -9,18 +9,33 @@ The models are loaded once: the image backbone (FLUX.1 or the image miniature) f
 video one when it is there), with one of them only that one. One worker thread restores the jobs in the order
 they came; the page polls their progress. Standard library only: http.server and one static page, serve.html.
 
-Safety: bound to 127.0.0.1 unless --host says otherwise; uploads larger than --max-upload-mb are refused (413)
-before they are read; an upload is accepted only when it decodes as an RGB image or a video; the uploaded
-name is a label, never a path; the only files served are the page and the files a job wrote, by job id and a
-fixed name (anything else, `..` included, is 404); every file lives in a private temporary folder (0700),
-capped at --max-storage-mb (the oldest finished jobs' files are evicted) and removed on exit. Errors are JSON
-`{"error": "..."}` with a 4xx/5xx status, shown on the page; no request can stop the server.
+Safety (every request is hostile until checked):
+- bound to 127.0.0.1 unless --host says otherwise; on a loopback address the Host header must name it
+  (127.0.0.1, localhost, [::1] with the port: no DNS rebinding), and every POST must carry the header
+  `X-Restore-Page: 1`, which a page of another origin cannot send without a CORS preflight this server never
+  grants (and a browser's Origin, when sent, must be this server's): no cross-site use. `curl` needs
+  `-H 'X-Restore-Page: 1'` too;
+- uploads larger than --max-upload-mb, or with a malformed or negative Content-Length, are refused before they
+  are read; an upload is accepted only when it decodes as an RGB image or a video whose declared size
+  (width x height x frames, frames counted from the packets, never the header) is within --max-pixels and
+  --max-frames, checked before any pixel is decoded, one decode at a time;
+- at most --max-queue jobs wait (503 with Retry-After beyond); the temporary folder is capped at
+  --max-storage-mb at upload time (the oldest finished jobs' files are evicted first; 507 when the waiting
+  jobs fill it); only the latest --max-records finished jobs are remembered;
+- idle or slow connections are closed after --timeout seconds, and at most --max-connections are served at once;
+- the uploaded name is a label, never a path; the only files served are the page and the files a job wrote, by
+  job id and a fixed name (anything else, `..` included, is 404); every file lives in a private temporary folder
+  (0700) removed on exit (and a killed server's, at the next start). Errors are JSON `{"error": "..."}` with a
+  4xx/5xx status, shown on the page; no request can stop the server or its worker.
 """
 
 import argparse
 import collections
+import errno
 import json
+import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -59,11 +74,15 @@ class Cancelled(Exception):
 
 
 class RequestError(Exception):
-    """A request that cannot be served: its HTTP status and the message the page shows."""
+    """A request that cannot be served: its HTTP status, the message the page shows, extra reply headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
+
+
+DISK_FULL = "the server's disk is full; free some space (or lower --max-storage-mb) and try again"
+TEMP_PREFIX = "restore-serve-"  # the private folder: restore-serve-{pid}-{random}, removed on exit
 
 
 @dataclass
@@ -156,25 +175,54 @@ class Job:
 
 
 class Jobs:
-    """The job queue: jobs restored one at a time, in order, by one worker thread; their files in `root`,
-    whose total size is kept under `max_bytes` by deleting the oldest finished jobs' files."""
+    """The job queue: jobs restored one at a time, in order, by one worker thread that no job and no upload can
+    stop; their files in `root`, whose total size is kept under `max_bytes` (uploads reserve their size before
+    they are read; the oldest finished jobs' files are evicted to make room); at most `max_queue` jobs wait and
+    the latest `max_records` finished jobs are remembered."""
 
-    def __init__(self, models: dict, root: Path, max_bytes: int, max_frames: int):
+    def __init__(self, models: dict, root: Path, max_bytes: int, max_frames: int,
+                 max_pixels: int = defaults.MAX_PIXELS, max_queue: int = 16, max_records: int = 200):
         self.models, self.root, self.max_bytes, self.max_frames = models, root, max_bytes, max_frames
+        self.max_pixels, self.max_queue, self.max_records = max_pixels, max_queue, max_records
         self.jobs: dict[str, Job] = collections.OrderedDict()
         self.lock = threading.Lock()
+        self.decoding = threading.Lock()  # one upload decoded at a time: memory bounded by one --max-pixels input
+        self.reserved = 0  # bytes of uploads being received (counted against max_bytes)
+        self.stopping = False
         self.pending: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="restore-worker", daemon=True)
         self.worker.start()
 
     # -- requests
 
+    def admit(self, length: int) -> None:
+        """Make room for an upload of `length` bytes before it is read, or refuse it: 503 when the queue is full
+        or the server stops, 507 when the waiting jobs' files leave no room under the storage cap."""
+        with self.lock:
+            waiting = sum(job.state == "queued" for job in self.jobs.values())
+            if self.stopping or waiting >= self.max_queue:
+                raise RequestError(503, "the server is shutting down" if self.stopping else
+                                   f"{waiting} jobs are waiting already (--max-queue); try again in a minute",
+                                   {"Retry-After": "60"})
+            self._evict_locked(length)
+            if folder_bytes(self.root) + self.reserved + length > self.max_bytes:
+                raise RequestError(507, f"the upload ({length / 2**20:.1f} MiB) does not fit the server's storage "
+                                   f"(--max-storage-mb {self.max_bytes / 2**20:.0f}) beside the waiting jobs' files",
+                                   {"Retry-After": "60"})
+            self.reserved += length
+
+    def release(self, length: int) -> None:
+        """An admitted upload was received (or failed): its bytes now count as files, or not at all."""
+        with self.lock:
+            self.reserved -= length
+
     def submit(self, upload: Path, label: str, prompt: dict, words: str, options: restore.RestoreOptions,
                t0: float | None = None) -> Job:
         """Check an upload (already in its job folder as `upload`) by decoding it and queue its job; `prompt`:
         the choice for each kind ({"image": "haze", "video": None}; None: the model's default); `t0`: the
         request's bridge T0 (None: the prompt's trained T0, per input for "auto", else the backbone's, Spec.t0)."""
-        kind, pixels = self._decode(upload)
+        with self.decoding:
+            kind, pixels = self._decode(upload)
         model = self.models[kind]
         prompt = prompt.get(kind) or model.default
         options = replace(options, t0=(model.t0s.get(prompt) or model.bb.spec.t0) if t0 is None else t0,
@@ -191,15 +239,18 @@ class Jobs:
             media.write_image(job.folder / "input.png", pixels)
             job.files.append("input.png")
         with self.lock:  # its place in the queue and its time stamp together: `created` orders the jobs
+            if self.stopping:
+                raise RequestError(503, "the server is shutting down", {"Retry-After": "60"})
             job.created = time.time()
             self.jobs[job.id] = job
             self.pending.put(job.id)
         return job
 
     def _decode(self, upload: Path) -> tuple[str, torch.Tensor | None]:
-        """("image", pixels [3, H, W]) or ("video", None) by what the bytes decode as; 400 otherwise."""
+        """("image", pixels [3, H, W]) or ("video", None) by what the bytes are, each size checked from the header
+        before any pixel is decoded; 400 / 413 otherwise."""
         try:
-            pixels = media.read_image(upload)
+            pixels = media.read_image(upload, max_pixels=self.max_pixels)
         except ValueError as err:
             image_error = str(err).replace(str(upload), "the upload")
         else:
@@ -209,19 +260,23 @@ class Jobs:
                 raise RequestError(400, f"the image is {media.hw_text(pixels)}; the smallest size that can be "
                                    f"restored is {defaults.SIZE_MULTIPLE}x{defaults.SIZE_MULTIPLE}")
             return "image", pixels
-        if "cannot read this image file" not in image_error:
-            raise RequestError(400, image_error)  # an image, but not an RGB one: say what to do about it
+        if "cannot read this image file" not in image_error:  # an image, but not one to restore: say why
+            raise RequestError(413 if "--max-pixels" in image_error or "safely" in image_error else 400, image_error)
         try:
-            info = streaming.probe(upload)
-        except Exception as err:  # PyAV raises its own errors for bytes that are no media at all
-            reason = getattr(err, "strerror", None) or str(err).replace(str(upload), "the upload")
+            info = media.probe_video(upload, max_frames=self.max_frames)
+        except ValueError as err:
+            reason = str(err).replace(str(upload) + ": ", "")
             raise RequestError(400, f"the upload is neither an image nor a video that can be decoded ({reason})") \
                 from None
         if "video" not in self.models:
             raise RequestError(400, "this server restores images only (no video backbone loaded)")
         if info.frames > self.max_frames:
-            raise RequestError(400, f"the video has {info.frames} frames; this server takes at most "
+            raise RequestError(400, f"the video has more than {self.max_frames} frames; this server takes at most "
                                f"{self.max_frames} (--max-frames)")
+        try:
+            media.check_decoded_size("the video", info.width, info.height, self.max_pixels, info.frames)
+        except ValueError as err:
+            raise RequestError(413, str(err)) from None
         if min(info.height, info.width) < defaults.SIZE_MULTIPLE:
             raise RequestError(400, f"the video is {info.height}x{info.width} (HxW); the smallest size that can "
                                f"be restored is {defaults.SIZE_MULTIPLE}x{defaults.SIZE_MULTIPLE}")
@@ -239,14 +294,22 @@ class Jobs:
 
     def listing(self) -> list[dict]:
         with self.lock:
-            queued = [job.id for job in self.jobs.values() if job.state == "queued"]
-            return [job.public(queued.index(job.id) + 1 if job.id in queued else None) for job in self.jobs.values()]
+            places, position = {}, 0
+            for job in self.jobs.values():
+                if job.state == "queued":
+                    position += 1
+                    places[job.id] = position
+            return [job.public(places.get(job.id)) for job in self.jobs.values()]
 
     def status(self, job_id: str) -> dict:
-        for job in self.listing():
-            if job["id"] == job_id:
-                return job
-        raise RequestError(404, "no such job")
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise RequestError(404, "no such job")
+            if job.state != "queued":
+                return job.public(None)
+            return job.public(1 + sum(other.state == "queued" and other.created < job.created
+                                      for other in self.jobs.values()))
 
     def file(self, job_id: str, name: str) -> Path:
         with self.lock:
@@ -255,34 +318,48 @@ class Jobs:
                 raise RequestError(404, "no such file")
             return job.folder / name
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Cancel every job (queued ones are marked so and never started; the running one stops at its next
+        step) and wait up to `timeout` s for the worker. Returns whether it has ended."""
         with self.lock:
+            self.stopping = True
             for job in self.jobs.values():
                 job.cancel = True
+                if job.state == "queued":
+                    job.state, job.finished = "cancelled", time.time()
         self.pending.put(None)
-        self.worker.join(timeout=30)
+        self.worker.join(timeout=timeout)
+        return not self.worker.is_alive()
 
     # -- the worker
 
     def _work(self) -> None:
         while (job_id := self.pending.get()) is not None:
-            job = self.jobs[job_id]
-            with self.lock:
-                if job.state != "queued":
-                    continue
-                job.state, job.started = "running", time.time()
             try:
-                self._run(job)
-                state, error = "done", None
-            except Cancelled:
-                state, error = "cancelled", None
-            except (ValueError, RequestError, weights.CheckpointError) as err:
-                state, error = "failed", str(err).replace(str(job.folder), "the job")
-            except Exception as err:  # a bug must not stop the worker: the job fails and says why
-                state, error = "failed", f"internal error: {type(err).__name__}: {err}"
-            with self.lock:
-                job.state, job.error, job.finished = state, error, time.time()
-            self._evict()
+                self._one(self.jobs.get(job_id))
+            except Exception as err:  # nothing may end the worker; what went wrong is said on stderr
+                print(f"serve.py: worker: {type(err).__name__}: {err}", file=sys.stderr)
+
+    def _one(self, job: "Job | None") -> None:
+        with self.lock:
+            if job is None or job.state != "queued":
+                return
+            job.state, job.started = "running", time.time()
+        try:
+            self._run(job)
+            state, error = "done", None
+        except Cancelled:
+            state, error = "cancelled", None
+        except (ValueError, RequestError, weights.CheckpointError) as err:
+            state, error = "failed", str(err).replace(str(job.folder), "the job")
+        except OSError as err:
+            state, error = "failed", DISK_FULL if err.errno == errno.ENOSPC else f"cannot write the result ({err})"
+        except Exception as err:  # a bug must not stop the worker: the job fails and says why
+            state, error = "failed", f"internal error: {type(err).__name__}: {err}"
+        with self.lock:
+            job.state, job.error, job.finished = state, error, time.time()
+            self._evict_locked(0)
+            self._forget_locked()
 
     def _run(self, job: Job) -> None:
         model = self.models[job.kind]
@@ -297,46 +374,89 @@ class Jobs:
             return chosen, job.options
 
         def progress(done: int, total: int) -> None:
+            check_cancel()
+            job.done, job.total = done, total
+
+        def check_cancel() -> None:  # between steps, and between decoding, encoding and writing
             if job.cancel:
                 raise Cancelled
-            job.done, job.total = done, total
 
         job.total = job.options.steps
         if job.kind == "image":
             image = media.read_image(job.folder / "input.png")
             chosen, options = decide(image)
+            check_cancel()
             restored = restore.restore_image(model.bb, chosen, image, options, progress)
+            check_cancel()
             media.write_image(job.folder / "output.png", restored)
             job.files.append("output.png")
             return
         upload = job.folder / "upload"
-        video = media.read_video(upload)
+        video = media.read_video(upload, max_pixels=self.max_pixels)
+        check_cancel()
         length, starts = restore.chunk_plan(video.frames.shape[1], job.options.chunk_frames, job.options.chunk_overlap)
         job.total = len(starts) * job.options.steps
         media.write_video(job.folder / "input.mp4", video.frames, video.fps)
         job.files.append("input.mp4")
         chosen, options = decide(video.frames[:, :length])  # auto: decided on the first chunk, as sample.py does
+        check_cancel()
         restored = restore.restore_video(model.bb, chosen, video.frames, options, progress)
+        check_cancel()
         media.write_video(job.folder / "output.mp4", restored, video.fps, audio_from=upload if video.has_audio else None)
         media.write_image(job.folder / "strip.png", frame_strip(video.frames, restored))
         job.files += ["output.mp4", "strip.png"]
 
-    def _evict(self) -> None:
-        """Delete the oldest finished jobs' files (never the latest one's) until the folder is under its cap;
-        their records stay, saying so."""
-        with self.lock:
-            finished = sorted((job for job in self.jobs.values() if job.state in FINISHED and job.folder.exists()),
-                              key=lambda job: job.finished)
-            for job in finished[:-1]:
-                if folder_bytes(self.root) <= self.max_bytes:
-                    return
-                shutil.rmtree(job.folder, ignore_errors=True)
-                job.files = []
-                job.error = ((job.error or "") + " (files evicted: the server's storage cap was reached)").strip()
+    def _evict_locked(self, room: int) -> None:
+        """(Holding the lock.) Delete the oldest finished jobs' files (never the latest one's) until the folder
+        has `room` bytes free under its cap; their records stay, saying so."""
+        finished = sorted((job for job in self.jobs.values() if job.state in FINISHED and job.folder.exists()),
+                          key=lambda job: job.finished)
+        for job in finished[:-1]:
+            if folder_bytes(self.root) + self.reserved + room <= self.max_bytes:
+                return
+            shutil.rmtree(job.folder, ignore_errors=True)
+            job.files = []
+            job.error = ((job.error or "") + " (files evicted: the server's storage cap was reached)").strip()
+
+    def _forget_locked(self) -> None:
+        """(Holding the lock.) Drop the oldest finished jobs beyond the latest `max_records`, files and all."""
+        finished = sorted((job for job in self.jobs.values() if job.state in FINISHED), key=lambda job: job.finished)
+        for job in finished[:max(0, len(finished) - self.max_records)]:
+            shutil.rmtree(job.folder, ignore_errors=True)
+            del self.jobs[job.id]
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """The bytes of the files under `folder`; files and folders that vanish during the walk count nothing
+    (os.walk skips a folder it cannot list)."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def remove_stale_folders(temp: Path = Path(tempfile.gettempdir())) -> list[Path]:
+    """Remove the private folders of servers that were killed (TEMP_PREFIX{pid}-..., that pid no longer
+    running, the folder ours); returns them."""
+    removed = []
+    for folder in temp.glob(f"{TEMP_PREFIX}*-*"):
+        found = re.fullmatch(re.escape(TEMP_PREFIX) + r"(\d+)-\w+", folder.name)
+        if not found or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+            continue  # that server is still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def frame_strip(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -359,12 +479,40 @@ def frame_strip(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback server answers to
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, jobs: Jobs, root: Path, max_upload: int, quiet: bool = False):
+    def __init__(self, address, jobs: Jobs, root: Path, max_upload: int, quiet: bool = False,
+                 timeout: float = 30.0, max_connections: int = 32):
         super().__init__(address, Handler)
         self.jobs, self.root, self.max_upload, self.quiet = jobs, root, max_upload, quiet
+        self.connection_timeout = timeout
+        self.connections = threading.BoundedSemaphore(max_connections)
+        host, port = self.server_address[:2]
+        loopback = host in ("127.0.0.1", "::1") or host.startswith("127.")
+        # None: any Host (bound to a network address on purpose); else the names this server is reached by
+        self.hosts = {f"{name}:{port}" for name in LOOPBACK_NAMES + (host,)} | (
+            set(LOOPBACK_NAMES) if port == 80 else set()) if loopback else None
+
+    def process_request(self, request, client_address) -> None:
+        """At most `max_connections` at once: one more is closed at once (its client retries later)."""
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
     def handle_error(self, request, client_address) -> None:  # a broken connection: logged, the server goes on
         if not self.quiet:
@@ -378,18 +526,30 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     body_read = False  # whether the current request's body was read (or it has none)
 
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout  # every read and write: an idle or slow client is dropped
+        super().setup()
+
     def log_message(self, format, *args) -> None:
         if not self.server.quiet:
             super().log_message(format, *args)
+
+    def log_request(self, code="-", size="-") -> None:
+        """Only what changes something or fails is logged: not the page's progress polls."""
+        if self.command != "GET" or not str(code).startswith("2"):
+            super().log_request(code, size)
 
     def send_error(self, code, message=None, explain=None) -> None:
         """Every error (the standard library's own too: a malformed request line, 501) as JSON."""
         self.close_connection = True
         self.reply(code, {"error": message or HTTPStatus(code).phrase})
 
-    def reply(self, status: int, body: dict | bytes, content_type: str = "application/json") -> None:
+    def reply(self, status: int, body: dict | bytes, content_type: str = "application/json",
+              headers: dict | None = None) -> None:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -411,6 +571,7 @@ class Handler(BaseHTTPRequestHandler):
         the reply, so that its bytes are never taken for the next request."""
         self.body_read = self.headers.get("Content-Length", "0") == "0" and "Transfer-Encoding" not in self.headers
         try:
+            self.check_origin(method)
             url = urllib.parse.urlsplit(self.path)
             parts = urllib.parse.unquote(url.path).split("/")[1:]
             query = urllib.parse.parse_qs(url.query)
@@ -434,14 +595,32 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(404, f"not found: {url.path[:200]}")
         except RequestError as err:
             self.close_connection |= not self.body_read
-            self.reply(err.status, {"error": str(err)})
+            self.reply(err.status, {"error": str(err)}, headers=err.headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            self.close_connection = True
+            self.reply(507, {"error": DISK_FULL})
         except Exception as err:  # a bug answers 500 and the server goes on
             self.close_connection = True
             self.reply(500, {"error": f"internal error: {type(err).__name__}: {err}"})
         finally:
             self.close_connection |= not self.body_read
+
+    def check_origin(self, method: str) -> None:
+        """403 for a request another site's page could have sent: a Host this loopback server is not (DNS
+        rebinding), a POST without the page's header (a form or a no-cors fetch cannot set it), or a foreign Origin."""
+        host = self.headers.get("Host", "")
+        if self.server.hosts is not None and host not in self.server.hosts:
+            raise RequestError(403, f"this server answers to {', '.join(sorted(self.server.hosts))}, not Host "
+                               f"{host[:100]!r}")
+        if method == "POST" and self.headers.get("X-Restore-Page") != "1":
+            raise RequestError(403, "a POST needs the header 'X-Restore-Page: 1' (the page sends it)")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{host}":
+            raise RequestError(403, f"requests from {origin[:100]!r} are not taken (another site)")
 
     def info(self) -> dict:
         jobs = self.server.jobs
@@ -455,20 +634,20 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") or length is None:
             raise RequestError(411, "the upload needs a Content-Length")
-        try:
-            length = int(length)
-        except ValueError:
-            raise RequestError(400, "a malformed Content-Length") from None
+        if not length.isdigit():  # int() would take "-1", " 12" and "1_000"
+            raise RequestError(400, "a malformed Content-Length")
+        length = int(length)
         if length > self.server.max_upload:
             raise RequestError(413, f"the upload is {length / 2**20:.1f} MiB; this server takes at most "
                                f"{self.server.max_upload / 2**20:.1f} MiB (--max-upload-mb)")
         if length == 0:
             raise RequestError(400, "the upload is empty")
         options, t0 = request_options(query)
+        self.server.jobs.admit(length)
         folder = self.server.root / secrets.token_hex(8)
-        folder.mkdir(mode=0o700)
         upload = folder / "upload"
         try:
+            folder.mkdir(mode=0o700)
             with upload.open("wb") as out:
                 left = length
                 while left:
@@ -481,12 +660,13 @@ class Handler(BaseHTTPRequestHandler):
             job = self.server.jobs.submit(upload, first(query, "name", "upload")[:200],
                                           {k: first(query, f"{k}_prompt", None) for k in ("image", "video")},
                                           first(query, "text", "")[:500], options, t0)
+            if job.kind == "image":
+                upload.unlink()  # the decoded pixels are kept as input.png
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        if job.kind == "image":
-            upload.unlink()  # the decoded pixels are kept as input.png
-        self.server.jobs._evict()
+        finally:
+            self.server.jobs.release(length)
         return job.public(None)
 
 
@@ -537,10 +717,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "results; beyond it the oldest finished jobs' files are deleted, all but the latest one's "
                    "(default: %(default)s MiB)")
     g.add_argument("--max-frames", type=int, default=65, help="longest video accepted (default: %(default)s frames)")
+    g.add_argument("--max-pixels", type=int, default=defaults.MAX_PIXELS, help="largest upload in decoded pixels, "
+                   "width x height x frames, checked from its header before decoding (default: %(default)s: a "
+                   "4096x4096 photo, or 18 frames of 1280x720)")
+    g.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more are refused with 503 "
+                   "(default: %(default)s)")
+    g.add_argument("--max-records", type=int, default=200, help="finished jobs remembered; older ones are "
+                   "forgotten with their files (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=30, help="seconds an idle or slow connection is kept "
+                   "(default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=32, help="connections served at once (default: "
+                   "%(default)s)")
     args = p.parse_args(argv)
     if args.preset is not None and (args.flux or args.wan):
         p.error("--preset tiny is a backbone of its own; it does not go with --flux/--wan")
-    if min(args.max_upload_mb, args.max_storage_mb) <= 0 or args.max_frames < 1:
+    if min(args.max_upload_mb, args.max_storage_mb, args.timeout) <= 0 or min(
+            args.max_frames, args.max_pixels, args.max_queue, args.max_records, args.max_connections) < 1:
         p.error("the limits must be positive")
     return args
 
@@ -609,6 +801,11 @@ def banks_of(args: argparse.Namespace, chosen: dict) -> dict:
     return banks
 
 
+def stop_on_signal(signum, frame) -> None:
+    """SIGTERM stops the server as Ctrl-C does: serve_forever ends and the cleanup runs."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = None
@@ -625,14 +822,18 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{kind}s: {bb.name} ({bb.config}), prompts: {', '.join(models[kind].describe()['prompts'])}"
                   + (f" (auto: {banks[kind]})" if banks[kind] else "") + (", text" if models[kind].text else ""),
                   file=sys.stderr)
-        root = Path(tempfile.mkdtemp(prefix="restore-serve-"))
-        jobs = Jobs(models, root, int(args.max_storage_mb * 2**20), args.max_frames)
-        server = Server((args.host, args.port), jobs, root, int(args.max_upload_mb * 2**20))
+        for stale in remove_stale_folders():
+            print(f"serve.py: removed {stale} (left by a server that was killed)", file=sys.stderr)
+        root = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+        jobs = Jobs(models, root, int(args.max_storage_mb * 2**20), args.max_frames, args.max_pixels,
+                    args.max_queue, args.max_records)
+        server = Server((args.host, args.port), jobs, root, int(args.max_upload_mb * 2**20), timeout=args.timeout,
+                        max_connections=args.max_connections)
     except (ValueError, FileNotFoundError, OSError, weights.CheckpointError) as err:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
         sys.exit(f"serve.py: error: {err}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, stop_on_signal)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving on http://{shown}:{port}/  (Ctrl-C stops; files in {root}, removed on exit)", file=sys.stderr)
@@ -642,8 +843,12 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         server.server_close()
-        jobs.stop()
+        ended = jobs.stop()
         shutil.rmtree(root, ignore_errors=True)
+        if not ended:  # the worker is inside a long encode or decode: leave without waiting for it (exit 0)
+            print("serve.py: stopped during a restoration; its job is dropped", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(0)
 
 
 if __name__ == "__main__":

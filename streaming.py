@@ -4,7 +4,7 @@
 1080p would need about 60 GiB. This module keeps one chunk: bench/stream_memory.py measures peak RSS flat in the
 clip length.)
 
-    info = probe(path)                                     # frames, fps, size, audio: from the header, no decoding
+    info = media.probe_video(path)                         # frames (counted), fps, size, audio: no decoding
     frames = iter_frames(path)                             # one float32 [3, H, W] frame at a time
     with VideoWriter(out, info.fps, audio_from=path) as w:
         for frame in restore_stream(frames, info.frames, restore_chunk, chunk=17, overlap=8):   # (clip, index)
@@ -19,7 +19,6 @@ accumulators: a frame is emitted as soon as no later chunk covers it.
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,29 +30,6 @@ from torch import Tensor
 import defaults
 from model import tiling
 from weights import atomic_file
-
-
-@dataclass
-class VideoInfo:
-    frames: int
-    fps: Fraction
-    height: int
-    width: int
-    has_audio: bool
-
-
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """What a video file holds, without keeping any frame: the frame count from the header, or counted by decoding
-    one frame at a time when the header does not say."""
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: the file has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ValueError(f"{path}: the video stream states no frame rate")
-        frames = stream.frames or sum(1 for _ in container.decode(stream))
-        return VideoInfo(frames, Fraction(rate), stream.height, stream.width, bool(container.streams.audio))
 
 
 def iter_frames(path: str | os.PathLike) -> Iterator[Tensor]:
@@ -83,7 +59,10 @@ def restore_stream(frames: Iterator[Tensor], total: int, restore_chunk: Callable
     source = iter(frames)
     for index, start in enumerate(starts):
         while first + len(window) < start + length:
-            window.append(next(source))
+            frame = next(source, None)
+            if frame is None:
+                raise ValueError(f"the video ended after {first + len(window)} of the {total} frames counted")
+            window.append(frame)
         clip = torch.stack(window[start - first : start + length - first], dim=1)
         restored = restore_chunk(clip, index)
         w = tiling.blend_window(start, length, total, ramp, 1, torch.device("cpu"))
@@ -96,6 +75,8 @@ def restore_stream(frames: Iterator[Tensor], total: int, restore_chunk: Callable
             yield numerator.pop(emitted) / weight.pop(emitted)
             emitted += 1
         window, first = window[done - first :], done
+    if next(source, None) is not None:
+        raise ValueError(f"the video holds more than the {total} frames counted")
 
 
 class VideoWriter:

@@ -6,7 +6,7 @@
 For every clip length a synthetic source clip is written (a panned toy image, streamed to disk, so making it needs
 no memory either), then each variant restores it in a FRESH subprocess and reports that process's peak RSS
 (getrusage ru_maxrss):
-  streamed    streaming.probe / iter_frames / restore_stream / VideoWriter, chunks of 17 frames, overlap 8
+  streamed    media.probe_video, streaming.iter_frames / restore_stream / VideoWriter, chunks of 17 frames, overlap 8
   whole-clip  media.read_video (all frames as float32), the same chunks restored and blended, media.write_video of the
               whole result: what the command line did before streaming
 The restoration of a chunk is, by default (--model box), a 3x3 box filter per frame: what is measured is the memory
@@ -61,7 +61,7 @@ def run_variant(variant: str, model: str, source: Path, target: Path) -> None:
     restore = restore_chunk_fn(model)
     with torch.no_grad():
         if variant == "streamed":
-            info = streaming.probe(source)
+            info = media.probe_video(source)
             with streaming.VideoWriter(target, info.fps, audio_from=source) as writer:
                 for frame in streaming.restore_stream(streaming.iter_frames(source), info.frames, restore, CHUNK, OVERLAP):
                     writer.write(frame)
@@ -87,7 +87,7 @@ def main() -> None:
     if args.variant:
         return run_variant(args.variant, args.model, args.source, args.target)
 
-    import streaming
+    import media
 
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -104,7 +104,7 @@ def main() -> None:
             row[variant] = {"peak_rss_mib": round(json.loads(out.stdout.splitlines()[-1])["peak_rss_mib"], 1),
                             "wall_s": round(time.time() - start, 1)}
         for variant in variants:
-            info = streaming.probe(args.work / f"{variant}_{frames}.mp4")
+            info = media.probe_video(args.work / f"{variant}_{frames}.mp4")
             if info.frames != frames or info.fps != 16:
                 raise SystemExit(f"error: {variant} wrote {info.frames} frames at {info.fps} fps, not {frames} at 16")
         rows.append(row)

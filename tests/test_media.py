@@ -73,7 +73,7 @@ def make_refused(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, message", [
     ("L", "grayscale"), ("I;16", "grayscale"), ("I", "grayscale"), ("F", "grayscale"), ("1", "black-and-white"),
     ("RGBA", "alpha"), ("LA", "alpha"), ("palette-transparent", "transparent"), ("CMYK", "CMYK"),
-    ("animated", "animated"), ("text", "cannot read"), ("truncated", "cannot read"), ("missing", "cannot read"),
+    ("animated", "animated"), ("text", "cannot read"), ("truncated", "a PNG image that cannot be decoded"), ("missing", "cannot read"),
 ])
 def test_read_image_refuses_non_rgb_and_broken_files(tmp_path, kind, message):
     path = make_refused(tmp_path, kind)

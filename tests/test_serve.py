@@ -76,11 +76,13 @@ def server(models):
     stop_server(server)
 
 
-def request(server, method, path, body=None, headers=None):
-    """(status, body bytes) of one request; `path` is sent exactly as given (no normalisation)."""
+def request(server, method, path, body=None, headers=None, page=True):
+    """(status, body bytes) of one request; `path` is sent exactly as given (no normalisation). A POST carries
+    the page's header unless `page` is False."""
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    headers = {**({"X-Restore-Page": "1"} if method == "POST" and page else {}), **(headers or {})}
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -168,7 +170,7 @@ def test_video_round_trip(server, tmp_path):
         status, body = request(server, "GET", job["files"][name])
         assert status == 200
         (tmp_path / name).write_bytes(body)
-        info = streaming.probe(tmp_path / name)
+        info = media.probe_video(tmp_path / name)
         assert (info.frames, info.fps, info.height, info.width) == (5, 12, 32, 48)
     status, body = request(server, "GET", job["files"]["strip.png"])
     assert Image.open(io.BytesIO(body)).size == (5 * 144, 2 * serve.STRIP_HEIGHT)  # 5 frames, 48/32 * 96 wide
@@ -178,6 +180,7 @@ def test_refusals_are_clear_json_errors(server, tmp_path):
     kept = set(server.root.iterdir())
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     conn.putrequest("POST", "/api/jobs")
+    conn.putheader("X-Restore-Page", "1")
     conn.putheader("Content-Length", str(MAX_UPLOAD + 1))
     conn.endheaders()  # the body is never sent: the size alone is refused
     response = conn.getresponse()
@@ -240,7 +243,7 @@ def test_malformed_requests_never_stop_the_server(server):
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Connection") != "close" and response.read()
     smuggled = b"POST /api/jobs HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
-    conn.request("POST", "/api/jobs/0123456789abcdef/cancel", body=smuggled)
+    conn.request("POST", "/api/jobs/0123456789abcdef/cancel", body=smuggled, headers={"X-Restore-Page": "1"})
     response = conn.getresponse()  # an unread body is never taken for the next request: the connection closes
     assert response.status == 404 and response.getheader("Connection") == "close"
     conn.close()
@@ -289,11 +292,13 @@ def test_cancel_a_running_and_a_queued_job(server):
 
 
 def test_storage_cap_evicts_the_oldest_results(models):
-    server = start_server(models, max_bytes=1)  # always over the cap: only the latest result is kept
+    server = start_server(models)
     try:
         first = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
         assert request(server, "GET", first["files"]["output.png"])[0] == 200
-        second = wait(server, upload(server, png(torch.rand(3, 32, 32)), steps=1)["id"])
+        body = png(torch.rand(3, 32, 32))
+        server.jobs.max_bytes = serve.folder_bytes(server.root) + len(body) + 100  # room for the upload, not its result
+        second = wait(server, upload(server, body, steps=1)["id"])
         assert request(server, "GET", first["files"]["output.png"])[0] == 404
         assert not (server.root / first["id"]).exists()
         assert "evicted" in wait(server, first["id"])["error"]

@@ -75,14 +75,14 @@ def test_writer_keeps_frames_rate_and_audio(tmp_path):
             piece.sample_rate, piece.pts = sample_rate, start
             out.mux(audio.encode(piece))
         out.mux(audio.encode())
-    info = streaming.probe(source)
+    info = media.probe_video(source)
     assert (info.frames, info.fps, info.has_audio) == (13, rate, True)
 
     target = tmp_path / "copy.mp4"
     with streaming.VideoWriter(target, info.fps, audio_from=source) as writer:
         for frame in streaming.iter_frames(source):
             writer.write(frame)
-    copied = streaming.probe(target)
+    copied = media.probe_video(target)
     assert (copied.frames, copied.fps, copied.has_audio, copied.height, copied.width) == (13, rate, True, 32, 32)
     with av.open(str(target)) as container:
         audio = container.streams.audio[0]
