@@ -158,7 +158,15 @@ def load_prompt(path: str | os.PathLike, backbone: str | None = None) -> tuple[n
     meta = read_meta(path)
     if backbone is not None and meta["backbone"] != backbone:
         raise ValueError(f"{path}: this prompt was trained for {meta['backbone']} ({meta['config']}), not {backbone}")
+    if "t0" in meta and not (isinstance(meta["t0"], (int, float)) and not isinstance(meta["t0"], bool)
+                             and 0 < meta["t0"] <= 1):
+        raise ValueError(f"{path}: its metadata's t0 is {meta['t0']!r}, not a bridge time in (0, 1]")
     state = weights.read_state_dict(path)
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} is {tensor.dtype}; a prompt's tensors are floating point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values; this prompt is broken")
     try:
         prompt = _prompt_for(meta, state, path)
     except (KeyError, IndexError) as err:  # a file with the tag but not the tensors (or metadata) of its site

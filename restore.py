@@ -169,8 +169,20 @@ def load_prompts(files: Sequence[Path], bb: backbones.Backbone) -> list[tuple[nn
         prompt, meta = prompts.load_prompt(path, backbone=bb.kind)
         if meta["config"] != bb.config:
             raise ValueError(f"{path}: this prompt was trained for {meta['config']}, the backbone is {bb.config}")
+        check_prompt_shapes(path, prompt, meta["site"], bb)
         loaded.append((bb.attach(prompt.eval()).to(bb.device), meta))
     return loaded
+
+
+def check_prompt_shapes(path: Path, prompt: nn.Module, site: str, bb: backbones.Backbone) -> None:
+    """Every tensor of a loaded prompt has the shape a fresh prompt of its length has on this backbone (the
+    length, axis 1, is the prompt's own); ValueError otherwise (a file whose metadata names the wrong config)."""
+    state = prompt.state_dict()
+    length = next(t.shape[1] for t in state.values() if t.ndim > 1)
+    expected = {k: tuple(t.shape) for k, t in bb.new_prompt(site, length).state_dict().items()}
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{path}: tensor {key!r} is {list(tensor.shape)}; {bb.name} takes {list(expected[key])}")
 
 
 def t0_warnings(files: Sequence[Path], metas: Sequence[dict], t0: float) -> list[str]:

@@ -96,8 +96,9 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
-# atomic_file's temporary names: ".{stem}.{8 random characters of mkstemp}.tmp{suffix}"
-TEMP_NAME = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+# atomic_file's temporary names, ".{stem}.{8 random characters of mkstemp}.tmp{suffix}", and the one safetensors
+# writes beside its target before renaming it (".tmp" and 6 random characters)
+TEMP_NAME = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 def clean_stale_temp(folder: str | os.PathLike, older_than: float = 3600.0) -> list[Path]:

@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("-o", "--output", type=Path, help="output file (single image/video) or folder (image folder, "
                    "evaluation); default: <name>_restored.png|.mp4 here, restored/ or results/")
     g.add_argument("--side-by-side", action="store_true", help="write input | output next to each other")
+    g.add_argument("--max-pixels", type=int, default=defaults.MAX_PIXELS, help="largest image or video frame "
+                   "(width x height) taken, checked from the file's header before decoding (default: %(default)s, "
+                   "a 4096x4096 photo)")
     g.add_argument("--resize-512", action="store_true", help=f"evaluation: resize prediction and target to "
                    f"{defaults.EVAL_RESIZE}x{defaults.EVAL_RESIZE} before measuring (the paper's protocol)")
     g.add_argument("--save-images", action="store_true", help="evaluation: also write the restored images")
@@ -201,8 +205,12 @@ def check_paths(args: argparse.Namespace) -> None:
     """Inputs exist, outputs can be written and never replace an input: checked before any model loads.
     Raises ValueError naming the path."""
     source = args.image if args.image is not None else args.video if args.video is not None else args.eval
-    if not source.exists():
-        raise ValueError(f"{source}: no such file or folder")
+    try:
+        source.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{source}: no such file or folder") from None
+    except OSError as err:  # e.g. a symbolic link loop
+        raise ValueError(f"{source}: {err.strerror.lower()}") from None
     folder_out = args.eval is not None or (args.image is not None and args.image.is_dir())
     if args.output is None:
         return
@@ -331,7 +339,7 @@ def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         if number % world != rank:
             continue
         try:
-            image = media.read_image(path)
+            image = media.read_image(path, max_pixels=args.max_pixels)
             progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
             options = args.options
             if bank is not None:
@@ -360,6 +368,7 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     if args.video.is_file() and world == 1 and whole:  # a stream: memory bounded by one chunk, whatever the length
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         info = media.probe_video(args.video)
+        media.check_decoded_size(str(args.video), info.width, info.height, args.max_pixels)  # a frame at a time
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
         options = args.options
         if bank is not None:  # decided on the first chunk's frames
@@ -369,6 +378,9 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         restore.restore_video_file(bb, velocity, args.video, target, options, progress, args.side_by_side)
         print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
         return
+    if args.video.is_file():
+        info = media.probe_video(args.video)
+        media.check_decoded_size(str(args.video), info.width, info.height, args.max_pixels)
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
     if args.options.first_frames is not None:  # one pass over the first frames
@@ -429,8 +441,14 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         raise SystemExit(1)
 
 
+def stop_on_signal(signum, frame) -> None:
+    """SIGTERM ends a restoration as Ctrl-C does: unwinding, so no half-written output stays behind."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         check_paths(args)
         spec, folder = choose_backbone(args)
@@ -465,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         run(args, bb, velocity, rank, world, bank)
     except (ValueError, OSError, weights.CheckpointError) as err:  # OSError: a full disk, a vanished folder, ...
         sys.exit(f"sample.py: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: stopped (nothing half-written was left)")
     finally:
         runtime.close_distributed()
 

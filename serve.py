@@ -598,14 +598,12 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(err.status, {"error": str(err)}, headers=err.headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
+        except Exception as err:  # a full disk answers 507; a bug 500; the server goes on
             self.close_connection = True
-            self.reply(507, {"error": DISK_FULL})
-        except Exception as err:  # a bug answers 500 and the server goes on
-            self.close_connection = True
-            self.reply(500, {"error": f"internal error: {type(err).__name__}: {err}"})
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                self.reply(507, {"error": DISK_FULL})
+            else:
+                self.reply(500, {"error": f"internal error: {type(err).__name__}: {err}"})
         finally:
             self.close_connection |= not self.body_read
 

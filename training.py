@@ -256,6 +256,8 @@ def train(
     batch = options.batch
     local = slice(rank * batch // world, (rank + 1) * batch // world)
     losses, start_time, start_step = [], time.time(), step
+    if rank == 0:
+        trim_log(out / "log.jsonl", step)  # a resumed run logs its steps again from the checkpoint's on
     log_file = open(out / "log.jsonl", "a") if rank == 0 else None
     stop: list[int] = []  # the signal, once SIGTERM arrives: the step in progress finishes, is saved, and we stop
     previous = _catch_sigterm(stop)
@@ -306,6 +308,21 @@ def train(
     if world > 1:
         dist.barrier()
     return Run(bb, prompt, losses)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep only the lines of log.jsonl up to `step` (the checkpoint's): those after it are redone."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a kill: redone too
+            continue
+    with runtime.atomic_file(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def _catch_sigterm(stop: list[int]):

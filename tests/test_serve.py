@@ -6,6 +6,7 @@ page's fetch sends), progress is polled from /api/jobs/ID, results are fetched f
 
 import base64
 import dataclasses
+import errno
 import fcntl
 import http.client
 import io
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -361,6 +363,348 @@ def test_command_line_private_folder_removed_on_exit():
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     assert not folder.exists()
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+
+def start_custom(models, **limits):
+    """A server with its own limits: Jobs keywords (max_bytes, max_frames, max_pixels, max_queue, max_records)
+    and Server keywords (timeout, max_connections)."""
+    root = Path(tempfile.mkdtemp(prefix="test-serve-"))
+    server_keys = {k: limits.pop(k) for k in ("timeout", "max_connections") if k in limits}
+    jobs = serve.Jobs(models, root, limits.pop("max_bytes", 1 << 30), limits.pop("max_frames", 17), **limits)
+    server = serve.Server(("127.0.0.1", 0), jobs, root, MAX_UPLOAD, quiet=True, **server_keys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def hold_worker(server):
+    """Make the worker wait inside its first job until the returned event is set (jobs behind it stay queued)."""
+    release, run = threading.Event(), server.jobs._run
+
+    def held(job):
+        release.wait(60)
+        return run(job)
+
+    server.jobs._run = held
+    return release
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 16x16 PNG whose header (IHDR, CRC fixed) claims width x height: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    body = bytearray(png(torch.rand(3, 16, 16)))
+    body[16:24] = struct.pack(">II", width, height)
+    body[29:33] = struct.pack(">I", zlib.crc32(bytes(body[12:29])))
+    return bytes(body)
+
+
+def test_the_worker_survives_what_happens_outside_a_job(models, monkeypatch):
+    """An error after a job (the old eviction walked a folder a failed upload was deleting) never ends the
+    worker: the next upload is still restored. folder_bytes itself survives folders vanishing mid-walk."""
+    server = start_custom(models)
+    try:
+        calls = []
+
+        def broken():
+            calls.append(1)
+            raise FileNotFoundError("a folder vanished during the walk")
+
+        monkeypatch.setattr(server.jobs, "_forget_locked", broken)
+        first = wait(server, upload(server, png(torch.rand(3, 16, 16)), steps=1)["id"])
+        assert calls and server.jobs.worker.is_alive()
+        monkeypatch.undo()
+        second = wait(server, upload(server, png(torch.rand(3, 16, 16)), steps=1)["id"])
+        assert second["state"] == "done" and first["id"] != second["id"]
+    finally:
+        stop_server(server)
+    root = Path(tempfile.mkdtemp())
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            folder = root / secrets_name()
+            folder.mkdir()
+            (folder / "f").write_bytes(b"x" * 10)
+            shutil.rmtree(folder)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(300):
+            assert serve.folder_bytes(root) >= 0
+    finally:
+        stop.set()
+        thread.join()
+        shutil.rmtree(root)
+
+
+def secrets_name() -> str:
+    return os.urandom(4).hex()
+
+
+def raw_exchange(server, raw: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(raw)  # (the connection stays open for writing: the server must answer by itself)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def test_a_negative_or_odd_content_length_is_refused_before_reading(server):
+    for length in ("-1", "1_0", "+5", "0x10"):
+        reply = raw_exchange(server, f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1:{server.server_address[1]}\r\n"
+                                     "X-Restore-Page: 1\r\n"
+                                     f"Content-Length: {length}\r\n\r\nabc".encode())
+        assert reply.startswith(b"HTTP/1.1 40") and b"malformed Content-Length" in reply, (length, reply)
+
+
+def test_declared_sizes_are_refused_before_decoding(models, tmp_path):
+    server = start_custom(models, max_pixels=40_000)
+    try:
+        kept = set(server.root.iterdir())
+        status, reply = request(server, "POST", "/api/jobs", png_claiming(12000, 12000))
+        assert status == 413 and "12000x12000" in error_of(reply) and "--max-pixels" in error_of(reply)
+        status, reply = request(server, "POST", "/api/jobs", png_claiming(65535, 65535))
+        assert status == 413 and "safely" in error_of(reply) and "0x0" not in error_of(reply)
+        status, reply = request(server, "POST", "/api/jobs", png(torch.rand(3, 256, 256)))
+        assert status == 413 and "256x256" in error_of(reply)
+        media.write_video(tmp_path / "v.mp4", data.toy_videos(1, 13, 64, 64, seed=1)[0], fps=12)  # 53 k pixels
+        status, reply = request(server, "POST", "/api/jobs", (tmp_path / "v.mp4").read_bytes())
+        assert status == 413 and "13 frames" in error_of(reply)
+        media.write_video(tmp_path / "s.mp4", data.toy_videos(1, 5, 64, 64, seed=1)[0], fps=12)  # 20 k: taken
+        assert request(server, "POST", "/api/jobs?steps=1", (tmp_path / "s.mp4").read_bytes())[0] == 202
+        truncated = png(torch.rand(3, 32, 32))[:300]
+        status, reply = request(server, "POST", "/api/jobs", truncated)
+        assert status == 400 and "PNG image that cannot be decoded" in error_of(reply)
+        assert len(set(server.root.iterdir()) - kept) == 1  # only the accepted upload
+    finally:
+        stop_server(server)
+
+
+def avi_with_header_count(path: Path, frames: int, claimed: int) -> None:
+    """An AVI of `frames` frames whose headers (avih dwTotalFrames, strh dwLength) claim `claimed`."""
+    import struct
+
+    container = av.open(str(path), "w", format="avi")
+    stream = container.add_stream("mpeg4", rate=12)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    for i in range(frames):
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 3 % 255, np.uint8), format="rgb24")
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+    container.close()
+    body = bytearray(path.read_bytes())
+    avih = body.index(b"avih")
+    body[avih + 8 + 16:avih + 8 + 20] = struct.pack("<I", claimed)
+    strh = body.index(b"strh")
+    body[strh + 8 + 32:strh + 8 + 36] = struct.pack("<I", claimed)
+    path.write_bytes(bytes(body))
+
+
+def test_the_frame_count_is_counted_not_trusted(server, tmp_path):
+    import av as pyav
+
+    avi_with_header_count(tmp_path / "lies.avi", 40, claimed=10)
+    with pyav.open(str(tmp_path / "lies.avi")) as container:
+        assert container.streams.video[0].frames == 10  # what the header says
+    assert media.probe_video(tmp_path / "lies.avi").frames == 40
+    status, reply = request(server, "POST", "/api/jobs", (tmp_path / "lies.avi").read_bytes())
+    assert status == 400 and "more than 17 frames" in error_of(reply)
+    avi_with_header_count(tmp_path / "short.avi", 9, claimed=100)
+    assert media.probe_video(tmp_path / "short.avi").frames == 9
+    assert media.read_video(tmp_path / "short.avi").frames.shape[1] == 9
+
+
+def test_cross_site_requests_are_refused(server):
+    image = png(torch.rand(3, 16, 16))
+    status, reply = request(server, "POST", "/api/jobs", image, {"Content-Type": "text/plain"}, page=False)
+    assert status == 403 and "X-Restore-Page" in error_of(reply)  # a form or no-cors fetch of another page
+    status, reply = request(server, "POST", "/api/jobs", image, {"Origin": "http://evil.example"})
+    assert status == 403 and "evil.example" in error_of(reply)
+    status, reply = request(server, "GET", "/api/jobs", headers={"Host": f"evil.example:{server.server_address[1]}"})
+    assert status == 403 and "answers to" in error_of(reply)  # DNS rebinding: the listing stays private
+    port = server.server_address[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert request(server, "GET", "/api/jobs", headers={"Host": host})[0] == 200
+    same = {"Origin": f"http://127.0.0.1:{port}"}
+    assert request(server, "POST", "/api/jobs?steps=1", image, same)[0] == 202
+
+
+def test_idle_connections_time_out_and_their_number_is_capped(models):
+    server = start_custom(models, timeout=0.5, max_connections=2)
+    try:
+        idle = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(2)]
+        time.sleep(0.1)
+        with socket.create_connection(server.server_address[:2], timeout=10) as third:
+            assert third.recv(100) == b""  # over the cap: closed at once
+        started = time.time()
+        for sock in idle:
+            assert sock.recv(100) == b""  # closed by the server once idle for its timeout
+            sock.close()
+        assert time.time() - started < 5
+        time.sleep(0.1)
+        assert request(server, "GET", "/api/info")[0] == 200  # slots are free again
+    finally:
+        stop_server(server)
+
+
+def test_the_queue_and_the_storage_are_bounded_at_upload(models):
+    server = start_custom(models, max_queue=2)
+    release = hold_worker(server)
+    try:
+        image = png(torch.rand(3, 32, 32))
+        first = upload(server, image, steps=1)
+        queued = [upload(server, image, steps=1) for _ in range(2)]
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.request("POST", "/api/jobs", body=image, headers={"X-Restore-Page": "1"})
+        response = conn.getresponse()
+        assert response.status == 503 and response.getheader("Retry-After") == "60"
+        assert "waiting already" in error_of(response.read())
+        conn.close()
+        server.jobs.max_bytes = serve.folder_bytes(server.root) + len(image) // 2  # no room for one more upload
+        server.jobs.max_queue = 10
+        status, reply = request(server, "POST", "/api/jobs", image)
+        assert status == 507 and "storage" in error_of(reply)
+        assert serve.folder_bytes(server.root) <= server.jobs.max_bytes
+        release.set()
+        for job in [first] + queued:
+            assert wait(server, job["id"])["state"] == "done"
+    finally:
+        release.set()
+        stop_server(server)
+
+
+def test_finished_records_expire_with_their_files(models):
+    server = start_custom(models, max_records=2)
+    try:
+        ids = [wait(server, upload(server, png(torch.rand(3, 16, 16)), steps=1)["id"])["id"] for _ in range(4)]
+        listed = [job["id"] for job in json.loads(request(server, "GET", "/api/jobs")[1])["jobs"]]
+        assert listed == ids[2:]
+        assert not (server.root / ids[0]).exists() and (server.root / ids[3]).exists()
+        assert request(server, "GET", f"/api/jobs/{ids[0]}")[0] == 404
+    finally:
+        stop_server(server)
+
+
+def test_stop_cancels_the_queued_jobs_without_starting_them(models):
+    server = start_custom(models)
+    release = hold_worker(server)
+    started = []
+    run = server.jobs._run
+    server.jobs._run = lambda job: (started.append(job.id), run(job))[1]
+    try:
+        jobs = [upload(server, png(torch.rand(3, 16, 16)), steps=1) for _ in range(3)]
+        time.sleep(0.2)
+        threading.Timer(0.3, release.set).start()
+        assert server.jobs.stop(timeout=30)
+        states = {job["id"]: server.jobs.jobs[job["id"]].state for job in jobs}
+        assert [states[job["id"]] for job in jobs[1:]] == ["cancelled", "cancelled"]
+        assert started == [jobs[0]["id"]]
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(server.root)
+
+
+def test_a_killed_servers_folder_is_removed_at_the_next_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{serve.TEMP_PREFIX}{dead.pid}-abc123"
+    alive = tmp_path / f"{serve.TEMP_PREFIX}{os.getpid()}-def456"
+    other = tmp_path / "restore-serve-notours"
+    for folder in (stale, alive, other):
+        folder.mkdir()
+        (folder / "upload").write_bytes(b"a user's photo")
+    assert serve.remove_stale_folders(tmp_path) == [stale]
+    assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_a_full_disk_is_507_with_a_plain_message(server, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server.jobs, "submit", full)
+    status, reply = request(server, "POST", "/api/jobs", png(torch.rand(3, 16, 16)))
+    assert status == 507 and error_of(reply) == serve.DISK_FULL
+
+
+@pytest.mark.slow
+def test_soak_mixed_clients_for_a_minute(tmp_path):
+    """serve.py in its own process; four clients for 60 s: good images, garbage, declared bombs, oversized
+    bodies, cancellations. The worker stays alive, every good job is done at the end, peak RSS < 1.5 GB."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "serve.py", "--preset", "tiny", "--port", "0", "--max-upload-mb",
+                                "1", "--max-queue", "64"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("serving on"):
+            line = process.stderr.readline()
+            assert line
+        threading.Thread(target=lambda: process.stderr.read(), daemon=True).start()
+        host, port = line.split()[2][7:-1].split(":")
+        target = types_namespace(server_address=(host, int(port)))
+        good, cancelled, failures = [], [], []
+        deadline = time.time() + 60
+
+        def client(kind):
+            generator = torch.Generator().manual_seed(len(kind))
+            while time.time() < deadline:
+                try:
+                    if kind == "good":
+                        status, reply = request(target, "POST", "/api/jobs?steps=1",
+                                                png(torch.rand(3, 16, 16, generator=generator)))
+                        if status == 202:  # a user waits for the result before the next upload
+                            good.append(wait(target, json.loads(reply)["id"], timeout=300)["state"])
+                        elif status != 503:
+                            failures.append(reply)
+                    elif kind == "garbage":
+                        request(target, "POST", "/api/jobs", os.urandom(2000))
+                        request(target, "POST", "/api/jobs", png_claiming(12000, 12000))
+                    elif kind == "oversized":
+                        try:  # refused from its Content-Length: the server closes while the body is on its way
+                            request(target, "POST", "/api/jobs", b"\0" * (1 << 20 | 1))
+                        except (BrokenPipeError, ConnectionResetError):
+                            pass
+                        request(target, "POST", "/api/jobs", png(torch.rand(3, 16, 16))[:200])
+                    else:
+                        status, reply = request(target, "POST", "/api/jobs?steps=50", png(torch.rand(3, 32, 32)))
+                        if status == 202:
+                            job = json.loads(reply)["id"]
+                            request(target, "POST", f"/api/jobs/{job}/cancel")
+                            cancelled.append(wait(target, job, timeout=300)["state"])
+                except (ConnectionError, OSError) as err:
+                    failures.append(repr(err))
+
+        threads = [threading.Thread(target=client, args=(kind,)) for kind in ("good", "garbage", "oversized", "cancel")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures[:3]
+        assert len(good) > 10 and set(good) == {"done"}, good
+        assert cancelled and set(cancelled) <= {"cancelled", "done"}, cancelled
+        peak_kb = int(next(line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                           if line.startswith("VmHWM")).split()[1])
+        print(f"soak: {len(good)} good jobs done, {len(cancelled)} cancelled, peak RSS {peak_kb / 1024:.0f} MiB")
+        assert peak_kb < 1.5 * 2**20, f"peak RSS {peak_kb / 2**20:.2f} GiB"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def types_namespace(**kwargs):
+    import types
+
+    return types.SimpleNamespace(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- a real browser
