@@ -90,6 +90,21 @@ def check_decoded_size(what: str, width: int, height: int, max_pixels: int | Non
                          f"{max_pixels / 1e6:.1f} million are taken (--max-pixels)")
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) an image file's header declares, no pixel decoded; ValueError for a file Pillow cannot
+    identify and for one declaring more pixels than Pillow decodes safely."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: callers check the size themselves
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: the image declares more pixels than can be decoded safely ({err})") from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise ValueError(f"{path}: cannot read this image file ({err})") from None
+
+
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor:
     """Read an RGB image file as float32 [3, H, W] in [0, 1].
 
@@ -102,17 +117,9 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor
     is checked before any pixel is decoded (`check_decoded_size`).
     """
     path = Path(path)
+    check_decoded_size(str(path), *image_size(path), max_pixels)
     try:
-        with warnings.catch_warnings():  # Pillow's own bomb warning: the size is checked here instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{path}: the image declares more pixels than can be decoded safely ({err})") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot read this image file ({err})") from None
-    try:
-        with image:
-            check_decoded_size(str(path), *image.size, max_pixels)
+        with Image.open(path) as image:
             if getattr(image, "n_frames", 1) > 1:
                 raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
             mode = image.mode

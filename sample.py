@@ -211,6 +211,11 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ValueError(f"{source}: no such file or folder") from None
     except OSError as err:  # e.g. a symbolic link loop
         raise ValueError(f"{source}: {err.strerror.lower()}") from None
+    if args.image is not None and source.is_file():  # sizes from the header: a bomb is refused before any model
+        media.check_decoded_size(str(source), *media.image_size(source), args.max_pixels)
+    if args.video is not None and source.is_file():  # one frame at a time: the frame's size is what counts
+        info = media.probe_video(source)
+        media.check_decoded_size(str(source), info.width, info.height, args.max_pixels)
     folder_out = args.eval is not None or (args.image is not None and args.image.is_dir())
     if args.output is None:
         return
@@ -368,7 +373,6 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     if args.video.is_file() and world == 1 and whole:  # a stream: memory bounded by one chunk, whatever the length
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
         info = media.probe_video(args.video)
-        media.check_decoded_size(str(args.video), info.width, info.height, args.max_pixels)  # a frame at a time
         length, starts = restore.chunk_plan(info.frames, args.options.chunk_frames, args.options.chunk_overlap)
         options = args.options
         if bank is not None:  # decided on the first chunk's frames
@@ -378,9 +382,6 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         restore.restore_video_file(bb, velocity, args.video, target, options, progress, args.side_by_side)
         print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
         return
-    if args.video.is_file():
-        info = media.probe_video(args.video)
-        media.check_decoded_size(str(args.video), info.width, info.height, args.max_pixels)
     video = media.read_video(args.video)
     length, starts = restore.chunk_plan(video.frames.shape[1], args.options.chunk_frames, args.options.chunk_overlap)
     if args.options.first_frames is not None:  # one pass over the first frames

@@ -260,3 +260,42 @@ def test_failed_video_writes_leave_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_video(tmp_path / "out.mp4", moving(9, 16, 16), 12)
     assert len(made) == 4 and leftovers(tmp_path) == ["junk.mp4"]
+
+
+def test_a_variable_rate_video_keeps_its_duration(tmp_path):
+    """An MKV whose frames come at irregular times over 2 s (the container states 30 fps): the rate read is the
+    constant one that keeps the duration, so the written clip lasts about as long and keeps its 2.04 s of audio."""
+    import av
+    from fractions import Fraction
+
+    from media import probe_video
+
+    path = tmp_path / "vfr.mkv"
+    container = av.open(str(path), "w", format="matroska")
+    video = container.add_stream("libx264", rate=30)
+    video.width = video.height = 32
+    video.pix_fmt = "yuv420p"
+    video.codec_context.time_base = Fraction(1, 1000)
+    audio = container.add_stream("aac", rate=16000)
+    audio.layout = "mono"
+    for i, ms in enumerate([0, 40, 80, 500, 540, 580, 1200, 1240, 1800, 2000]):
+        frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 20, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = ms, Fraction(1, 1000)
+        container.mux(video.encode(frame))
+    container.mux(video.encode())
+    samples = int(2.04 * 16000)
+    for offset in range(0, samples, 1024):
+        piece = av.AudioFrame.from_ndarray(np.zeros((1, min(1024, samples - offset)), np.float32), format="fltp",
+                                           layout="mono")
+        piece.sample_rate, piece.pts = 16000, offset
+        container.mux(audio.encode(piece))
+    container.mux(audio.encode())
+    container.close()
+    info = probe_video(path)
+    assert info.frames == 10 and info.fps == Fraction(9, 2)  # 9 intervals over 2.0 s
+    clip = read_video(path)
+    assert clip.fps == info.fps
+    write_video(tmp_path / "out.mp4", clip.frames, clip.fps, audio_from=path)
+    with av.open(str(tmp_path / "out.mp4")) as out:
+        assert out.duration / 1e6 > 2.0
+        assert out.streams.audio[0].duration * out.streams.audio[0].time_base > 2.0

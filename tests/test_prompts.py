@@ -133,3 +133,29 @@ def test_import_refuses_other_files(tmp_path):
     with pytest.raises(ValueError, match="not a prompt file of this project .* prompts.py import"):
         (tmp_path / "y.pt").write_bytes(b"")
         prompts.load_prompt(tmp_path / "y.pt")
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("int", "torch.int64"), ("bool", "torch.bool"),
+    ("t0", "not a bridge time"), ("width", "takes"),
+])
+def test_a_damaged_prompt_is_refused_at_load(tmp_path, bb, damage, message):
+    """Each is one ValueError before any restoration (it used to be a black video, or a traceback)."""
+    import restore
+    import weights
+
+    prompt = bb.new_prompt("deep", 4)
+    state = {k: v.clone() for k, v in prompt.state_dict().items()}
+    meta = {"format": prompts.FORMAT, "backbone": bb.kind, "config": bb.config, "site": "deep", "t0": 0.4}
+    if damage in ("nan", "inf"):
+        state["prompts"][0, 1, 2] = float(damage)
+    elif damage in ("int", "bool"):
+        state["alphas"] = state["alphas"].to(torch.int64 if damage == "int" else torch.bool)
+    elif damage == "t0":
+        meta["t0"] = "soon"
+    else:
+        state["prompts"] = torch.zeros(1, 4, state["prompts"].shape[2] + 8)
+    path = tmp_path / "damaged.safetensors"
+    weights.save_safetensors(state, path, meta)
+    with pytest.raises(ValueError, match=message):
+        restore.load_prompts([path], bb)

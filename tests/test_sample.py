@@ -224,3 +224,49 @@ def test_frame_noise_is_the_backbones_unless_given():
     assert sample.restore_options(args, "wan").frame_noise == "independent"
     args = sample.parse_args(["--video", "x.mp4", "--frame-noise", "independent"])
     assert sample.restore_options(args, "wan", 0.2, "shared").frame_noise == "independent"
+
+
+def test_oversized_and_looping_inputs_are_refused_before_any_model(tmp_path, capsys, monkeypatch):
+    """A header claiming 12000x12000 (a 1 KB file) and a frame over --max-pixels are refused from the header;
+    a symbolic link loop is named as one. No backbone is loaded for any of them."""
+    import struct
+    import zlib
+
+    media.write_image(tmp_path / "small.png", data.toy_images(1, 16, 16, seed=0)[0])
+    body = bytearray((tmp_path / "small.png").read_bytes())
+    body[16:24] = struct.pack(">II", 12000, 12000)
+    body[29:33] = struct.pack(">I", zlib.crc32(bytes(body[12:29])))
+    (tmp_path / "bomb.png").write_bytes(bytes(body))
+    media.write_video(tmp_path / "wide.mp4", data.toy_videos(1, 5, 64, 96, seed=0)[0], fps=12)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    monkeypatch.setattr(backbone, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    for argv, message in [(["--image", tmp_path / "bomb.png"], "12000x12000 (WxH) is 144.0 million pixels"),
+                          (["--video", tmp_path / "wide.mp4", "--max-pixels", 5000], "96x64 (WxH)"),
+                          (["--image", tmp_path / "loop"], "too many levels of symbolic links")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli("--preset", "tiny", *argv, "-o", tmp_path / "out" / ("o.mp4" if "--video" in argv else "o.png"))
+        assert str(exit_.value).startswith("sample.py: error:") and message in str(exit_.value), exit_.value
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_leaves_no_half_written_output(tmp_path, inputs):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "sample.py", "--preset", "tiny", "--video", str(inputs / "long.mp4"),
+                                "--steps", "1000", "-o", str(out / "o.mp4")], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "restoring with" not in line:
+        line = process.stderr.readline()
+        assert line, "sample.py ended before restoring"
+    deadline = time.time() + 60
+    while not any(out.glob(".o.*.tmp.mp4")) and time.time() < deadline:  # the writer's temporary file is open
+        time.sleep(0.05)
+    assert any(out.glob(".o.*.tmp.mp4"))
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 1 and "sample.py: stopped" in rest and "Traceback" not in rest
+    assert list(out.iterdir()) == []

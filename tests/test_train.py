@@ -187,3 +187,40 @@ def test_cli_chooses_the_backbone_by_name_with_its_defaults(tmp_path):
     assert same.backbone_name == "mini-flux" and same.degradation == "unnamed"
     tiny = train.parse_args(["--backbone", "tiny-wan", "--out", str(tmp_path / "run")])
     assert tiny.backbone_name == "tiny-wan" and tiny.frames == 9 and tiny.weights is None
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    """Steps logged after the last checkpoint (a run killed between two saves) are redone on --resume: the log
+    then holds each step once, in order; a line cut by the kill is dropped too."""
+    common = dict(batch=2, save_every=2, lr=1e-2)
+    run(tmp_path, steps=2, name="parts", **common)
+    log = tmp_path / "parts" / "log.jsonl"
+    with log.open("a") as f:  # as if step 3 ran and the process was killed before its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 0.5, "time": 1.0}) + "\n" + '{"step": 4, "lo')
+    run(tmp_path, steps=4, resume=True, name="parts", **common)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "time": 1.0}) + "\n")
+    train.check_out(out, resume=False, overwrite=False)  # nothing to keep: no checkpoint, no prompt
+    assert not (out / "log.jsonl").exists()
+    (out / "checkpoint.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="holds a run"):
+        train.check_out(out, resume=False, overwrite=False)
+
+
+def test_safetensors_own_temporary_file_is_cleaned(tmp_path):
+    import runtime
+
+    left = tmp_path / ".tmpAb12Cd"  # what safetensors writes before its rename, left by a kill -9
+    left.write_bytes(b"\0" * 100)
+    mine = tmp_path / ".tmp_notes.txt"
+    mine.write_text("a user's file")
+    os.utime(left, (0, 0))
+    os.utime(mine, (0, 0))
+    assert runtime.clean_stale_temp(tmp_path) == [left]
+    assert mine.exists()
