@@ -61,7 +61,8 @@ class Spec:
 _FLUX = dict(kind="flux", source="snapshot", prompt_len=defaults.PROMPT_LEN["flux"],
              train_size=defaults.TRAIN_SIZE["flux"], tile=defaults.TILE)
 _WAN = dict(kind="wan", source="snapshot", prompt_len=defaults.PROMPT_LEN["wan"],
-            train_size=defaults.TRAIN_SIZE["wan"], train_frames=defaults.TRAIN_FRAMES)
+            train_size=defaults.TRAIN_SIZE["wan"], train_frames=defaults.TRAIN_FRAMES,
+            tile=max(defaults.TRAIN_SIZE["wan"]))  # its native 480 x 832 frames in one tile
 _TINY = dict(source="tiny", prompt_len=defaults.TINY_TEXT_LEN, train_size=(32, 32))
 BACKBONES = {spec.name: spec for spec in (
     Spec("flux-dev", config="flux-dev", **_FLUX),
@@ -166,14 +167,15 @@ class Backbone:
     def encode(self, pixels: Tensor, tile: int | None = None, sample_seed: int | None = None) -> Tensor:
         """[B, 3, H, W] (FLUX) or [B, 3, F, H, W] (Wan) in [-1, 1] -> float32 latent [B, 16, ...].
 
-        `tile` (pixels; FLUX only): encode overlapping tiles of at most tile x tile pixels (bounded memory).
+        `tile` (pixels): encode overlapping spatial tiles of at most tile x tile pixels (bounded memory; a video
+        tile is encoded through the whole clip with its own causal context).
         `sample_seed`: a posterior draw (mean + std * noise, noise from a generator of that seed on the device)
         instead of the posterior mean (the authors' latent_dist.sample())."""
         self.check_pixels(pixels)
         pixels = pixels.to(self.device, next(self.vae.parameters()).dtype)
         draw = {} if sample_seed is None else {
             "sample": True, "generator": torch.Generator(self.device).manual_seed(sample_seed)}
-        if tile is not None and self.kind == "flux":
+        if tile is not None:
             return self.vae.encode(pixels, tile=tile, overlap=defaults.tile_overlap(tile), **draw).float()
         return self.vae.encode(pixels, **draw).float()
 
@@ -181,7 +183,7 @@ class Backbone:
     def decode(self, latent: Tensor, tile: int | None = None) -> Tensor:
         """Inverse of `encode`: float32 pixels in [-1, 1]. `tile` as in `encode`."""
         latent = latent.to(self.device, next(self.vae.parameters()).dtype)
-        if tile is not None and self.kind == "flux":
+        if tile is not None:
             return self.vae.decode(latent, tile=tile, overlap=defaults.tile_overlap(tile)).float().clamp(-1, 1)
         return self.vae.decode(latent).float().clamp(-1, 1)
 

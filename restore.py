@@ -352,20 +352,28 @@ def chunk_plan(frames: int, chunk: int, overlap: int) -> tuple[int, list[int]]:
 @torch.no_grad()
 def restore_chunk(bb: backbones.Backbone, velocity: bridge.VelocityFn, clip: Tensor, options: RestoreOptions,
                   index: int, on_step: Callable[[int, int], None] | None = None) -> Tensor:
-    """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU), from chunk `index`'s own
+    """One chunk [3, L, H, W] in [0, 1] (L = 4k+1) -> restored [3, L, H, W] (CPU); frames larger than the tile
+    are encoded, restored and decoded in overlapping spatial tiles (memory bounded by tile x chunk). From chunk `index`'s own
     starting noise (defaults.mix_seed), so a chunk restores the same in memory and in a stream. With
     options.frame_noise "shared" every latent frame starts from one noise frame: noise drawn anew per frame is
     randomness the input does not have, and shows as flicker (mini/wan/README.md)."""
     height, width = clip.shape[2:]
-    y = encode(bb, pad_to_16(clip.contiguous())[None] * 2 - 1, options)  # one memory layout, sliced or streamed
+    pixels = pad_to_16(clip.contiguous())[None] * 2 - 1  # one memory layout, sliced or streamed
+    tile = tile_for(bb, options)
+    large = max(pixels.shape[-2:]) > tile  # frames larger than the tile: tiled throughout, as images
+    y = encode(bb, pixels, options, tile=tile if large else None)
     if options.frame_noise == "shared":  # the same noise frame at every latent frame of every chunk
         frame = torch.randn(y[:, :, :1].shape, generator=torch.Generator().manual_seed(options.seed))
         eps = frame.to(y.device).expand_as(y)  # one frame crosses to the device, expanded there
     else:
         seed = options.seed if options.fixed_noise else defaults.mix_seed(options.seed, index)
         eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
-    x0 = bridge.sample(dit_velocity(bb, velocity, options), y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
-    return ((bb.decode(x0)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
+    velocity = dit_velocity(bb, velocity, options)
+    if large:
+        latent_tile = tile // bb.vae.spatial_factor
+        velocity = tiled_velocity(velocity, latent_tile, defaults.tile_overlap(latent_tile))
+    x0 = bridge.sample(velocity, y, eps, options.t0, options.t_min, options.steps, on_step=on_step)
+    return ((bb.decode(x0, tile=tile if large else None)[0] + 1) / 2).clamp(0, 1)[:, :, :height, :width].cpu()
 
 
 def restore_video(bb: backbones.Backbone, velocity: bridge.VelocityFn, video: Tensor, options: RestoreOptions,

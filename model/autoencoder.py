@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.tiling import run_tiled
+from model.tiling import in_units, run_tiled
 
 
 @dataclass
@@ -276,7 +276,7 @@ class AutoEncoder(nn.Module):
         if tile is None:
             moments = self.encoder(image)
         else:
-            tile, overlap = self._tile_in_latent_pixels(tile, overlap)
+            tile, overlap = in_units(tile, overlap, self.downscale)
             moments = run_tiled(self.encoder, image, tile, overlap, in_scale=self.downscale, out_scale=1)
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
@@ -297,7 +297,7 @@ class AutoEncoder(nn.Module):
         z = latent.to(self.dtype) / self.params.scale_factor + self.params.shift_factor
         if tile is None:
             return self.decoder(z)
-        tile, overlap = self._tile_in_latent_pixels(tile, overlap)
+        tile, overlap = in_units(tile, overlap, self.downscale)
         return run_tiled(self.decoder, z, tile, overlap, in_scale=1, out_scale=self.downscale)
 
     def forward(self, image: Tensor) -> Tensor:
@@ -312,13 +312,3 @@ class AutoEncoder(nn.Module):
                 f"got shape {list(image.shape)}. Note that the FLUX transformer packs 2x2 latent patches, so "
                 f"for FLUX H and W must be multiples of {2 * f}."
             )
-
-    def _tile_in_latent_pixels(self, tile: int, overlap: int) -> tuple[int, int]:
-        """Check tile/overlap (image pixels) and convert them to latent pixels."""
-        f = self.downscale
-        if tile % f or overlap % f or not (f <= overlap <= tile // 2):
-            raise ValueError(
-                f"tile and overlap must be multiples of {f} with {f} <= overlap <= tile / 2; "
-                f"got tile={tile}, overlap={overlap}"
-            )
-        return tile // f, overlap // f

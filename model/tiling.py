@@ -36,13 +36,23 @@ def blend_window(start: int, size: int, length: int, overlap: int, scale: int, d
     return torch.minimum(rise, fall)
 
 
+def in_units(tile: int, overlap: int, factor: int) -> tuple[int, int]:
+    """Tile and overlap in pixels -> in latent pixels of a VAE that downsamples by `factor` (checked)."""
+    if tile % factor or overlap % factor or not (factor <= overlap <= tile // 2):
+        raise ValueError(f"tile and overlap must be multiples of {factor} with {factor} <= overlap <= tile / 2; "
+                         f"got tile={tile}, overlap={overlap}")
+    return tile // factor, overlap // factor
+
+
 def run_tiled(
     fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, in_scale: int, out_scale: int
 ) -> Tensor:
-    """Apply a fully convolutional `fn` to overlapping spatial tiles of x [B, C, H, W] and blend the outputs.
+    """Apply a fully convolutional `fn` to overlapping spatial tiles of x [..., H, W] and blend the outputs.
 
-    Sizes are in "units" (latent pixels): x has `in_scale` pixels per unit and fn(x) `out_scale`, so the
-    encoder runs with (in_scale=f, out_scale=1) and the decoder with (1, f). Tiles are `tile` units square
+    x is an image batch [B, C, H, W] or a video batch [B, C, F, H, W]: only the last two axes are tiled, and fn
+    may change the others (a video VAE maps F frames to (F - 1) / 4 + 1 latent frames, each tile with its own
+    causal cache). Sizes are in "units" (latent pixels): x has `in_scale` pixels per unit and fn(x) `out_scale`,
+    so the encoder runs with (in_scale=f, out_scale=1) and the decoder with (1, f). Tiles are `tile` units square
     (cropped to the image), neighbours overlap by >= `overlap` units. Each tile's output is weighted by
     `blend_window` in both directions and the weighted sum is divided by the summed weights, so
     overlaps cross-fade linearly with no visible seam. With a single tile this is exactly fn(x).
@@ -50,17 +60,17 @@ def run_tiled(
     The result is close to, not equal to, fn(x): GroupNorm statistics and attention are per tile.
     Memory: one tile's activations plus the float32 output accumulators.
     """
-    height, width = x.shape[2] // in_scale, x.shape[3] // in_scale
+    height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     out = weight_sum = None
     for top in tile_starts(height, tile, overlap):
         for left in tile_starts(width, tile, overlap):
             rows, cols = min(tile, height), min(tile, width)
-            crop = x[:, :, top * in_scale : (top + rows) * in_scale, left * in_scale : (left + cols) * in_scale]
+            crop = x[..., top * in_scale : (top + rows) * in_scale, left * in_scale : (left + cols) * in_scale]
             y = fn(crop)
             if out is None:
-                shape = (x.shape[0], y.shape[1], height * out_scale, width * out_scale)
+                shape = (*y.shape[:-2], height * out_scale, width * out_scale)
                 out = torch.zeros(shape, device=y.device, dtype=torch.float32)
-                weight_sum = torch.zeros(shape[2:], device=y.device, dtype=torch.float32)
+                weight_sum = torch.zeros(shape[-2:], device=y.device, dtype=torch.float32)
             w = torch.outer(
                 blend_window(top, rows, height, overlap, out_scale, y.device),
                 blend_window(left, cols, width, overlap, out_scale, y.device),

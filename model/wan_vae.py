@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from model import tiling
+
 
 @dataclass
 class WanVAEConfig:
@@ -348,37 +350,59 @@ class WanVAE(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device)
         return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
 
-    def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, video: Tensor, sample: bool = False, generator: torch.Generator | None = None,
+               tile: int | None = None, overlap: int = 64) -> Tensor:
         """video [B, 3, F, H, W] in [-1, 1], F = 4k + 1, H and W multiples of 8
         -> normalised latent [B, z_dim, k + 1, H/8, W/8], float32 (the posterior mean; with `sample=True` a draw
         mu + exp(log_var / 2) * noise, noise from `generator`, normalised the same way).
 
-        The encoder sees frame 0, then 4 frames at a time, remembering the causal context in between.
+        The encoder sees frame 0, then 4 frames at a time, remembering the causal context in between. `tile` /
+        `overlap` (pixels, multiples of 8): the whole clip is encoded in overlapping spatial tiles of at most
+        tile x tile pixels, each with its own causal context, and the posterior moments are blended
+        (model/tiling.py); memory is then bounded by the tile, not the frame.
         """
         self._check_video(video)
         video = video.to(self.conv1.weight.dtype)
-        step = self.temporal_factor
-        cache: CausalCache = {}
-        latents = [self.encoder(video[:, :, :1], cache)]
-        for start in range(1, video.shape[2], step):
-            latents.append(self.encoder(video[:, :, start : start + step], cache))
-        mu, log_var = self.conv1(torch.cat(latents, dim=2)).chunk(2, dim=1)
+        if tile is None:
+            moments = self._moments(video)
+        else:
+            tile, overlap = tiling.in_units(tile, overlap, self.spatial_factor)
+            moments = tiling.run_tiled(self._moments, video, tile, overlap, in_scale=self.spatial_factor, out_scale=1)
+        mu, log_var = moments.chunk(2, dim=1)
         if sample:
             noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             mu = mu + torch.exp(0.5 * log_var.clamp(-30.0, 20.0)) * noise
         return self.normalize(mu)
 
-    def decode(self, latent: Tensor) -> Tensor:
+    def _moments(self, video: Tensor) -> Tensor:
+        """The posterior's (mean, log-variance) [B, 2 z_dim, k + 1, h, w] of a clip, chunk by chunk in time."""
+        step = self.temporal_factor
+        cache: CausalCache = {}
+        latents = [self.encoder(video[:, :, :1], cache)]
+        for start in range(1, video.shape[2], step):
+            latents.append(self.encoder(video[:, :, start : start + step], cache))
+        return self.conv1(torch.cat(latents, dim=2))
+
+    def decode(self, latent: Tensor, tile: int | None = None, overlap: int = 64) -> Tensor:
         """normalised latent [B, z_dim, T, h, w] -> video [B, 3, 4(T-1) + 1, 8h, 8w] in [-1, 1], float32.
 
         The decoder sees one latent frame at a time, remembering the causal context in between; the result is
-        clamped to [-1, 1] as the reference does.
+        clamped to [-1, 1] as the reference does. `tile` / `overlap` (pixels of the output): decoded in
+        overlapping spatial tiles, each with its own causal context, blended (as `encode`).
         """
         self._check_latent(latent)
         z = self.conv2(self.denormalize(latent).to(self.conv2.weight.dtype))
+        if tile is None:
+            frames = self._frames(z)
+        else:
+            tile, overlap = tiling.in_units(tile, overlap, self.spatial_factor)
+            frames = tiling.run_tiled(self._frames, z, tile, overlap, in_scale=1, out_scale=self.spatial_factor)
+        return frames.float().clamp(-1.0, 1.0)
+
+    def _frames(self, z: Tensor) -> Tensor:
+        """Decoded frames [B, 3, 4(T-1) + 1, 8h, 8w] of z [B, z_dim, T, h, w], one latent frame at a time."""
         cache: CausalCache = {}
-        frames = [self.decoder(z[:, :, i : i + 1], cache) for i in range(z.shape[2])]
-        return torch.cat(frames, dim=2).float().clamp(-1.0, 1.0)
+        return torch.cat([self.decoder(z[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2)
 
     def _check_video(self, video: Tensor) -> None:
         if video.ndim != 5:

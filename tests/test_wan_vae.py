@@ -182,3 +182,24 @@ def test_decode_errors(small_vae, shape, message):
 def test_config_errors(change, message):
     with pytest.raises(ValueError, match=message), torch.device("meta"):
         WanVAE(dataclasses.replace(SMALL, **change))
+
+
+def test_spatial_tiles_one_covering_tile_is_exact_and_several_stay_close(small_vae):
+    """Tiled encode/decode (each tile through the whole clip with its own causal cache): one tile covering the
+    frame is the whole-frame result exactly; two tiles stay close (per-tile attention and convolution borders;
+    random weights, measured 0.014 / 0.12 RMS against a mirrored result's 0.094 / 0.34)."""
+    import data
+
+    video = data.toy_videos(1, 5, 64, 96, seed=4)[0][None] * 2 - 1  # smooth moving pictures, as a camera gives
+    with torch.no_grad():
+        whole = small_vae.encode(video)
+        assert torch.equal(small_vae.encode(video, tile=96, overlap=16), whole)
+        tiled = small_vae.encode(video, tile=64, overlap=24)  # two tiles of 8 x 8 latent pixels, 3 shared
+        assert tiled.shape == whole.shape
+        error = (tiled - whole).square().mean().sqrt()
+        assert error < 0.5 * (whole.flip(-1) - whole).square().mean().sqrt()
+        frames = small_vae.decode(whole)
+        assert torch.equal(small_vae.decode(whole, tile=96, overlap=16), frames)
+        tiled_frames = small_vae.decode(whole, tile=64, overlap=24)
+        assert tiled_frames.shape == frames.shape
+        assert (tiled_frames - frames).square().mean().sqrt() < 0.5 * (frames.flip(-1) - frames).square().mean().sqrt()
