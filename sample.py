@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"(latent_dist.sample(), generator seeded {protocol.PAPER_VAE_SEED}) instead of the mean")
     g.add_argument("--fixed-noise", action="store_true", default=None, help="the same starting noise (--seed) on "
                    "every call, every video chunk included")
+    g.add_argument("--grid-shift", action=argparse.BooleanOptionalAction, help="move the DiT's token grid one "
+                   "latent pixel per step, so that its per-token errors do not stack into a block texture (default: "
+                   "the backbone's: on for the image miniature, where it was measured; off for FLUX.1 and Wan2.1)")
     g.add_argument("--frame-noise", choices=restore.FRAME_NOISE, help="video: the bridge's starting noise drawn "
                    "anew for every latent frame, or one noise frame shared by all (steadier; default: the backbone's, "
                    "shared for the video miniature, independent for Wan2.1)")
@@ -193,7 +196,7 @@ def restore_options(args: argparse.Namespace, kind: str | None = None, t0: float
                                   size=size, first_frames=args.first_frames, timesteps=args.timesteps,
                                   autocast="float16" if args.dtype == "float16" else None,
                                   vae_sample_seed=protocol.PAPER_VAE_SEED if args.vae_sample else None,
-                                  fixed_noise=args.fixed_noise,
+                                  fixed_noise=args.fixed_noise, grid_shift=args.grid_shift,
                                   frame_noise=frame_noise if args.frame_noise is None else args.frame_noise)
 
 
@@ -419,7 +422,7 @@ def run_eval(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         summary = metrics.summarise([row for row in rows if "error" not in row])
         keys = ("backbone", "flux", "wan", "preset", "prompt", "text", "steps", "t0", "t_min", "seed", "tile",
                 "resize_512", "protocol", "size_policy", "first_frames", "timesteps", "dtype", "vae_sample",
-                "fixed_noise", "manifest_paths", "lenient_manifest", "paper_metrics")
+                "fixed_noise", "manifest_paths", "lenient_manifest", "paper_metrics", "grid_shift")
         settings = runtime.record({k: v for k, v in vars(args).items() if k in keys} |
                                   {"t0": args.options.t0, "t0_per_input": bank is not None and args.options.prompt_t0,
                                    "frame_noise": args.options.frame_noise})

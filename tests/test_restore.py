@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from snapshots import make_flux_snapshot, official_configs
 
 import backbone
@@ -237,3 +238,36 @@ def test_video_chunks_in_spatial_tiles():
     error = (tiled - whole).abs().mean()
     assert error < 0.5 * (whole.flip(-1) - whole).abs().mean()
     assert backbone.BACKBONES["wan-1.3b"].tile >= max(defaults.TRAIN_SIZE["wan"])  # 480 x 832: one tile
+
+
+def test_grid_shift_moves_the_token_grid_per_step_and_nothing_else():
+    """Pointwise velocities are unchanged by it (a shift, then the crop back); a velocity constant on each 2 x 2
+    token steps at the token borders of call i's grid: (0, 0), then (1, 1), (0, 1), (1, 0), then (0, 0) again.
+    Images [B, C, h, w] and videos [B, C, F, h, w] alike; the backbone table decides when the options do not."""
+    def per_token(x, t):  # each 2 x 2 token's mean: what a per-token output layer that ignores the rest would give
+        flat = x.reshape(x.shape[0], -1, *x.shape[-2:])
+        mean = F.interpolate(F.avg_pool2d(flat, 2), scale_factor=2, mode="nearest")
+        return mean.reshape(x.shape)
+
+    for shape in ((1, 16, 8, 12), (1, 16, 3, 8, 12)):
+        x = torch.randn(shape)
+        t = torch.full((1,), 0.3)
+        pointwise = restore.grid_shifted(lambda z, t: torch.tanh(z) * t)
+        for _ in range(5):
+            assert torch.equal(pointwise(x, t), torch.tanh(x) * t)
+        shifted = restore.grid_shifted(per_token)
+        for dy, dx in restore.GRID_SHIFTS + restore.GRID_SHIFTS[:1]:
+            v = shifted(x, t)
+            assert v.shape == x.shape
+            rows = (v[..., 1:, :] - v[..., :-1, :]).abs().amax(dim=(0, 1, -1) if v.ndim == 4 else (0, 1, 2, -1))
+            cols = (v[..., 1:] - v[..., :-1]).abs().amax(dim=tuple(range(v.ndim - 1)))
+            inside_rows = [i for i in range(len(rows)) if (i + 1 - dy) % 2 and 0 < i + 1 - dy < x.shape[-2] - 1]
+            inside_cols = [i for i in range(len(cols)) if (i + 1 - dx) % 2 and 0 < i + 1 - dx < x.shape[-1] - 1]
+            assert rows[inside_rows].max() < 1e-6 and cols[inside_cols].max() < 1e-6  # flat inside its tokens
+    bb = backbone.tiny("flux")
+    image = data.toy_images(1, 32, 48, seed=3)[0]
+    plain = restore.restore_image(bb, bb.velocity, image, options(steps=3))
+    assert torch.equal(plain, restore.restore_image(bb, bb.velocity, image, options(steps=3, grid_shift=False)))
+    assert not torch.equal(plain, restore.restore_image(bb, bb.velocity, image, options(steps=3, grid_shift=True)))
+    assert backbone.BACKBONES["mini-flux"].grid_shift and not backbone.BACKBONES["flux-dev"].grid_shift
+    assert not any(backbone.BACKBONES[name].grid_shift for name in ("wan-1.3b", "mini-wan", "tiny-flux", "tiny-wan"))
