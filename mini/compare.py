@@ -9,7 +9,8 @@ Evaluation sets (never trained on; every degradation drawn from its own fixed se
               (the usual denoising benchmark levels), the "noise" column
     unseen    the four mini/heldout/ crops degraded six ways with settings of our own (`mini/unseen.py`)
 
-Rows (`ROWS`), PSNR and SSIM in RGB against the clean crop (restore.measure), means per column; every sampled row
+Rows (`ROWS`), PSNR and SSIM in RGB against the clean crop (restore.measure) and the block texture
+(metrics.block_texture), means per column; every sampled row
 uses the default sampler (20 steps, t_min 1e-4, seed 0) at the T0 its prompt was trained at, as sample.py does:
 0.4 (the backbone's) for every baseline, deep04 and the all-in-one prompt; each degradation's own for deep
 (mini/learn_prompts.py T0); the chosen prompts' for auto; the column's deep prompt's for empty and text:
@@ -30,7 +31,8 @@ uses the default sampler (20 steps, t_min 1e-4, seed 0) at the T0 its prompt was
               (mini/restorer.py; pixels in, pixels out, no frozen prior)
     uniform   all six deep prompts, velocities averaged (six model evaluations a step: Kodak24/CBSD68 only)
 
-Writes mini/results.json, mini/RESULTS.md, mini/grid.png and mini/example.png.
+Writes mini/results.json, mini/RESULTS.md, mini/grid.png, mini/example.png and the README's first picture,
+docs/mini_example.png (one held-out photo per degradation of our own settings: input | default | clean).
 """
 
 import argparse
@@ -48,10 +50,11 @@ import backbone
 import data
 import defaults
 import media
+import metrics
 import restore
 import weights
 from mini import images, restorer
-from mini.learn_prompts import ALL, DEGRADATIONS, MINI, baseline_path
+from mini.learn_prompts import ALL, DEGRADATIONS, MINI, ROOT, baseline_path
 from mini.unseen import UNSEEN
 
 EVAL_COUNT = 2  # images per Kodak24 / CBSD68 column (CPU time: every row samples every image)
@@ -72,6 +75,7 @@ ROWS = {
     "uniform": "six deep prompts averaged (no name needed)",
 }
 GRID_TILE = 128
+METRICS = ("psnr", "ssim", "block")  # block: metrics.block_texture on the 8-pixel token grid (0: none added)
 BANK = MINI / "prompts" / "bank.safetensors"  # --prompt auto's bank (estimator.py bank)
 
 
@@ -189,7 +193,8 @@ def measure_rows(bb: backbone.Backbone, items: list[dict], rows: list[str], out:
                 result = restore.restore_image(bb, velocity, item["degraded"], run)
             scores = restore.measure(result, item["clean"])
             records.append({"row": row, "set": item["set"], "column": item["column"], "name": item["name"],
-                            "psnr": scores["psnr"], "ssim": scores["ssim"], "t0": t0})
+                            "psnr": scores["psnr"], "ssim": scores["ssim"],
+                            "block": metrics.block_texture(result, item["clean"]), "t0": t0})
             if row not in ("input", "ceiling"):
                 media.write_image(out / row / f"{item['column']}-{Path(item['name']).name}.png", result)
         print(f"{row}: done, {(time.time() - start) / 60:.1f} min", flush=True)
@@ -201,15 +206,16 @@ def summarise(records: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     table: dict = {}
     for r in records:
         table.setdefault(r["row"], {}).setdefault(r["column"], []).append(r)
-    return {row: {c: {m: round(sum(x[m] for x in v) / len(v), 4 if m == "ssim" else 2) for m in ("psnr", "ssim")}
+    return {row: {c: {m: round(sum(x[m] for x in v) / len(v), 2 if m == "psnr" else 4) for m in METRICS}
                   for c, v in cols.items()} for row, cols in table.items()}
 
 
 def markdown(summary: dict, columns: list[str], metric: str = "psnr") -> str:
-    lines = [f"| {metric.upper()} | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    name = {"psnr": "PSNR", "ssim": "SSIM", "block": "block texture"}[metric]
+    lines = [f"| {name} | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
     for row, label in ROWS.items():
         if row in summary:
-            digits = 3 if metric == "ssim" else 2
+            digits = 2 if metric == "psnr" else 3
             lines.append(f"| {label} | " + " | ".join(f"{summary[row][c][metric]:.{digits}f}" if c in summary[row]
                                                    else "-" for c in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -238,6 +244,29 @@ def write_grid(target: Path, items: list[dict], out: Path, rows: list[str]) -> N
                 cell = Image.new("RGB", (GRID_TILE, GRID_TILE), "lightgray")
             canvas.paste(cell.resize((GRID_TILE, GRID_TILE), Image.Resampling.LANCZOS), (GRID_TILE * c, header + GRID_TILE * r))
         draw.text((4, header + GRID_TILE * r + 3), column, fill="white", stroke_width=2, stroke_fill="black")
+    canvas.save(target, optimize=True)
+
+
+def write_first_picture(target: Path, items: list[dict], out: Path, row: str) -> None:
+    """The README's first picture: one held-out photo per degradation of our own settings (degradation i on
+    mini/heldout/'s photo i mod 4, fixed in advance: not the best case), input | `row` (the default) | clean."""
+    chosen = [next(i for i in items if i["column"] == f"unseen-{d}" and i["name"] == images.HELDOUT[k % 4])
+              for k, d in enumerate(DEGRADATIONS)]
+    header, labels = 18, ("input", f"default ({row})", "clean")
+    canvas = Image.new("RGB", (GRID_TILE * 2 * 3, header + GRID_TILE * 2 * len(chosen)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(labels):
+        draw.text((GRID_TILE * 2 * c + 4, 3), label, fill="black")
+    for r, item in enumerate(chosen):
+        cells = [item["degraded"], None, item["clean"]]
+        for c, pixels in enumerate(cells):
+            if pixels is None:
+                cell = Image.open(out / row / f"{item['column']}-{item['name']}.png").convert("RGB")
+            else:
+                cell = Image.fromarray(pixels.mul(255).round().byte().permute(1, 2, 0).numpy())
+            canvas.paste(cell, (GRID_TILE * 2 * c, header + GRID_TILE * 2 * r))
+        draw.text((4, header + GRID_TILE * 2 * r + 3), f"{item['column']} ({item['name']})", fill="white",
+                  stroke_width=2, stroke_fill="black")
     canvas.save(target, optimize=True)
 
 
@@ -285,15 +314,22 @@ def main() -> None:
     write_grid(MINI / "grid.png", items, args.work, rows)
     default = "auto" if isinstance(restore.default_prompt(backbone.BACKBONES["mini-flux"], MINI), Path) else "all"
     example = pick_example(records, items, default) if default in summary else None
+    if default in summary:
+        write_first_picture(ROOT / "docs" / "mini_example.png", items, args.work, default)
     result = {"protocol": {"t0": "each prompt's (records)", "steps": defaults.STEPS, "t_min": defaults.T_MIN, "seed": defaults.SEED,
-                           "eval_count": EVAL_COUNT, "metrics": "PSNR, SSIM on RGB 8-bit levels, 256 px crops"},
+                           "eval_count": EVAL_COUNT, "grid_shift": backbone.BACKBONES["mini-flux"].grid_shift,
+                           "metrics": "PSNR, SSIM on RGB 8-bit levels, block texture (metrics.block_texture, 8 px "
+                                      "grid), 256 px crops"},
               "rows": ROWS, "default": default, "mean": summary, "example": example, "records": records}
     with weights.atomic_file(MINI / "results.json") as tmp:
         Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
     text = ("# The miniature: restoration on photos it never saw\n\nWritten by `python -m mini.compare`.\n\n"
-            "## Training-family degradations (Kodak24 crops; CBSD68 crops for noise)\n\n" + markdown(summary, seen)
-            + "\n" + markdown(summary, seen, "ssim") + "\n## Our own degradation settings (mini/unseen.py, mini/heldout/)"
-            "\n\n" + markdown(summary, unseen) + "\n" + markdown(summary, unseen, "ssim"))
+            "Block texture: how much sharper luma steps are across the 8-pixel token grid's lines than elsewhere, "
+            "minus the clean crop's figure (`metrics.block_texture`; 0: none added).\n\n"
+            "## Training-family degradations (Kodak24 crops; CBSD68 crops for noise)\n\n"
+            + "\n".join(markdown(summary, seen, m) for m in METRICS)
+            + "\n## Our own degradation settings (mini/unseen.py, mini/heldout/)\n\n"
+            + "\n".join(markdown(summary, unseen, m) for m in METRICS))
     with weights.atomic_file(MINI / "RESULTS.md") as tmp:
         Path(tmp).write_text(text)
     print(text)
