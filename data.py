@@ -449,7 +449,7 @@ class Manifest:
 class Synthetic:
     """Clean images or videos degraded on the fly by `DEGRADATIONS[degradation]`.
 
-    `sources`: a folder (its images; for video, its video files and frame sub-folders), or a list whose
+    `sources`: a folder (its images, its sub-folders' too; for video, its video files and frame sub-folders), or a list whose
     elements are paths (image files; for video, video files or frame folders) or tensors ([3, H, W]; for video
     [3, F, H, W]). The clean source is cropped first (start frame, then corner), then degraded with the same
     generator, so the pair is a pure function of (index, generator state). Several degradations (a list) make a
@@ -473,7 +473,7 @@ class Synthetic:
                              lambda x, generator, name=name: degrade(x, name, generator) for name in names]
         self.size, self.frames = _check_size(size), _check_frames(frames)
         if isinstance(sources, (str, os.PathLike)):
-            sources = media.list_images(sources) if frames is None else media.list_videos(sources)
+            sources = media.list_images(sources, recursive=True) if frames is None else media.list_videos(sources)
         if not sources:
             raise ValueError("Synthetic needs at least one clean source")
         self.sources = [self._source(s) for s in sources]

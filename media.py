@@ -53,17 +53,23 @@ _REFUSED_MODES = {
 }
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside `folder` (png/jpg/jpeg/bmp/webp/tif/tiff), sorted by name.
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The image files directly inside `folder` (png/jpg/jpeg/bmp/webp/tif/tiff), sorted by name; with
+    `recursive`, those in its sub-folders too (sorted by path; links to folders are not followed).
 
     Raises ValueError when `folder` is not a folder or holds no image file.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if recursive:
+        files = sorted(Path(parent) / name for parent, _, names in os.walk(folder) for name in names
+                       if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        where = "in this folder or its sub-folders" if recursive else "in this folder"
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) {where}")
     return files
 
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the empty-prompt text-encoder outputs are cached (default: %(default)s)")
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, help="a folder with degraded/ and clean/, a JSON manifest, or (with "
-                   "--synthetic) a folder of clean images or videos")
+                   "--synthetic) a folder of clean images (searched with its sub-folders) or videos")
     g.add_argument("--synthetic", action="store_true", help="degrade clean --data on the fly with --degradation")
     g.add_argument("--degradation", nargs="+", default=["unnamed"], help=f"the degradation this prompt is for; with "
                    f"--synthetic one or several (a mixture, one drawn per pair) of {sorted(data.DEGRADATIONS)}, "

@@ -269,3 +269,18 @@ def test_degradations_joined_by_plus_apply_in_physical_order():
     assert torch.equal(pair_clean, crop) and torch.equal(degraded, data.degrade(crop, "haze+lowlight", generator))
     with pytest.raises(ValueError, match="distinct"):
         data.combined(["haze", "haze"])
+
+
+def test_synthetic_searches_sub_folders(tmp_path):
+    """`train.py --data photos/ --synthetic` on a tree of photos (as shared/data/photos is: one folder per source)
+    finds every image, in a fixed order; a tree without any is refused with one line."""
+    import media
+
+    for where in ("a/x.png", "a/b/y.jpg", "z.png"):
+        (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+        media.write_image(tmp_path / where, data.toy_images(1, 32, 32, seed=len(where))[0])
+    dataset = data.Synthetic(tmp_path, "noise", 16)
+    assert [p.relative_to(tmp_path).as_posix() for p in dataset.sources] == ["a/b/y.jpg", "a/x.png", "z.png"]
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    with pytest.raises(ValueError, match="or its sub-folders"):
+        data.Synthetic(tmp_path / "empty", "noise", 16)
