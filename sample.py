@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="DiT dtype (default: bfloat16 on "
                    "GPU, float32 on CPU; float16 also runs the DiT under autocast, the authors' way); the VAE "
                    "always runs in float32")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the CPUs not kept busy by other work, from "
+                   "the load average: oversubscribed threads made a restoration 1.6-10x slower)")
     g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE,
                    help="cache of text-encoder outputs (default: %(default)s)")
     g = p.add_argument_group("sampler")
@@ -466,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.text is not None:
             restore.check_text_prompting(spec)
         rank, world, device = runtime.setup_distributed()
+        threads = runtime.set_threads(args.threads)
         bb = backbones.load(spec.name, folder, runtime.default_dtype(device, args.dtype), device, args.text_cache,
                             restore.needs_text_encoders(files))
         loaded = restore.load_prompts(files, bb)
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                 how = how.replace("no prompt", f"--prompt auto over the bank {auto} ({', '.join(bank.names)})")
                 metas = [meta for _, meta in bank.prompts]
                 files = [Path(f"{auto.name}[{name}]") for name in bank.names]
-            print(f"restoring with {how}", file=sys.stderr)
+            print(f"restoring with {how} ({device}, {threads} CPU thread{'s' if threads > 1 else ''})", file=sys.stderr)
             decided_t0 = bank is not None and args.options.prompt_t0  # (each input at its chosen prompts' T0)
             for warning in [] if decided_t0 else restore.t0_warnings(files, metas, args.options.t0):
                 print(f"sample.py: warning: {warning}", file=sys.stderr)

@@ -704,6 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"prompts/{estimator.BANK_NAME} when it ships one); 'auto' is then the page's default")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on "
                    "CPU)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the CPUs not kept busy by other work, from "
+                   "the load average: oversubscribed threads made a restoration 1.6-10x slower)")
     g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE, help="cache of text-encoder outputs "
                    "(default: %(default)s)")
     g = p.add_argument_group("server")
@@ -811,6 +813,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen = choose_backbones(args)
         files, banks = prompts_of(args, chosen), banks_of(args, chosen)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        runtime.set_threads(args.threads)
         dtype = runtime.default_dtype(device, args.dtype)
         models = {}
         for kind, (spec, folder) in chosen.items():

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "Wan2.1-T2V) or a miniature folder (mini/, mini/wan/)")
     g.add_argument("--preset", choices=["tiny"], help="tiny random backbone and synthetic data: runs on a CPU in seconds")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], help="DiT dtype (default: bfloat16 on GPU, float32 on CPU); the VAE stays float32")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the CPUs not kept busy by other work, from "
+                   "the load average: oversubscribed threads made a restoration 1.6-10x slower)")
     g.add_argument("--checkpointing", action="store_true", help="recompute block activations in backward (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the loss (forward and backward)")
     g.add_argument("--text-cache", type=Path, default=runtime.TEXT_CACHE,
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         dataset = make_dataset(args, spec)
         check_data(dataset, args.size)
         rank, world, device = runtime.setup_distributed()
+        threads = runtime.set_threads(args.threads)
+        if rank == 0:
+            print(f"training on {device} with {threads} CPU thread{'s' if threads > 1 else ''}", file=sys.stderr)
         dtype = runtime.default_dtype(device, args.dtype)
         bb = backbones.load(spec.name, args.weights, dtype, device, args.text_cache, args.site == "token")
         args.prompt_len = args.prompt_len or spec.prompt_len or bb.txt.shape[1]

@@ -1,6 +1,7 @@
 """runtime.py: files appear whole or not at all; run records are JSON; the default dtype follows the device."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,22 @@ def test_single_process_set_up_and_gather():
     rank, world, device = runtime.setup_distributed()
     assert (rank, world) == (0, 1) and device.type in ("cpu", "cuda")
     assert runtime.gather({3: "x"}, world) == {3: "x"}
+
+
+def test_default_threads_leave_busy_cpus_alone(monkeypatch):
+    import runtime
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+        assert runtime.set_threads() == 4 and torch.get_num_threads() == 4  # a quiet machine: every CPU
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+        assert runtime.set_threads() == 1  # three CPUs busy elsewhere
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert runtime.set_threads() == 1  # never fewer than one
+        assert runtime.set_threads(3) == 3  # --threads wins
+        with pytest.raises(ValueError, match="at least 1"):
+            runtime.set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -224,3 +224,4 @@ def test_safetensors_own_temporary_file_is_cleaned(tmp_path):
     os.utime(mine, (0, 0))
     assert runtime.clean_stale_temp(tmp_path) == [left]
     assert mine.exists()
+
