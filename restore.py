@@ -156,6 +156,27 @@ def sampler_velocity(bb: backbones.Backbone, velocity: bridge.VelocityFn, option
     return grid_shifted(velocity) if shift else velocity
 
 
+def describe_plan(bb: backbones.Backbone, height: int, width: int, options: RestoreOptions,
+                  frames: int | None = None) -> str:
+    """One line saying what a restoration of a height x width input (a video: of `frames` frames) will do: the
+    spatial tiles, the chunks, the steps and the T0."""
+    tile = tile_for(bb, options)
+    padded = (height + -height % defaults.SIZE_MULTIPLE, width + -width % defaults.SIZE_MULTIPLE)
+    factor = bb.vae.downscale if bb.kind == "flux" else bb.vae.spatial_factor
+    if max(padded) > tile:
+        unit, overlap = tile // factor, defaults.tile_overlap(tile // factor)
+        rows, cols = (len(tiling.tile_starts(side // factor, unit, overlap)) for side in padded)
+        where = f"in {rows} x {cols} tiles of {tile} px"
+    else:
+        where = "in one piece"
+    text = f"{width}x{height} px {where}"
+    if frames is not None:
+        length, starts = chunk_plan(frames, options.chunk_frames, options.chunk_overlap)
+        text += f", {frames} frames in {len(starts)} chunk{'s' if len(starts) > 1 else ''} of {length}"
+    shift = options.grid_shift if options.grid_shift is not None else bb.spec is not None and bb.spec.grid_shift
+    return text + f", {options.steps} steps from T0 {options.t0:g}" + (", token grid shifted per step" if shift else "")
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 
 

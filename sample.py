@@ -288,28 +288,28 @@ def describe(bb: backbones.Backbone, files: list[Path], metas: list[dict], words
 
 
 class Progress:
-    """The progress callback of the command line: a status line on stderr with what is being restored, model
-    evaluations done, time per step and ETA.
+    """The progress callback of the command line, on stdout: the plan at once (`plan`), then a line per model
+    evaluation with the steps done, seconds per step and the ETA, and after the first one the whole run's
+    estimate. On a terminal the step line is rewritten in place."""
 
-    On a terminal the line is rewritten in place; in a log (stderr not a terminal) a line is printed at every
-    tenth of the work."""
-
-    def __init__(self, label: str, enabled: bool = True):
+    def __init__(self, label: str, enabled: bool = True, plan: str | None = None):
         self.label, self.enabled = label, enabled
         self.start = time.time()
-        self.live = sys.stderr.isatty()
+        self.live = sys.stdout.isatty()
+        if enabled and plan:
+            print(f"{label}: {plan}", flush=True)
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or not (self.live or done % max(1, total // 10) == 0 or done == total):
+        if not self.enabled:
             return
         elapsed = time.time() - self.start
-        eta = elapsed / done * (total - done)
-        line = (f"{self.label}: step {done}/{total}  {elapsed / done:.2f} s/step  "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        if self.live:
-            print(f"\r{line}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        eta = time.strftime('%H:%M:%S', time.gmtime(elapsed / done * (total - done)))
+        if done == 1 and total > 1:
+            whole = time.strftime('%H:%M:%S', time.gmtime(elapsed * total))
+            print(("\n" if self.live else "") + f"{self.label}: first step after {elapsed:.1f} s: about {whole} "
+                  f"for all {total}", flush=True)
+        line = f"{self.label}: step {done}/{total}  {elapsed / done:.2f} s/step  ETA {eta}"
+        print(f"\r{line}" if self.live else line, end="\n" if done == total or not self.live else "", flush=True)
 
 
 def side_by_side(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -350,10 +350,11 @@ def run_image(args, bb, velocity, rank: int, world: int, bank=None) -> None:
             continue
         try:
             image = media.read_image(path, max_pixels=args.max_pixels)
-            progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0)
             options = args.options
             if bank is not None:
                 velocity, options = decide(bb, bank, image, path.name, options)
+            progress = Progress(f"{path.name} ({number + 1}/{len(paths)})", enabled=rank == 0,
+                                plan=restore.describe_plan(bb, *image.shape[-2:], options))
             restored = restore.restore_image(bb, velocity, image, options, progress)
             target = out_dir / f"{stem}.png" if folder else (args.output or Path(f"{path.stem}_restored.png"))
             media.write_image(target, side_by_side(image, restored) if args.side_by_side else restored)
@@ -383,7 +384,8 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
         if bank is not None:  # decided on the first chunk's frames
             first = list(itertools.islice(streaming.iter_frames(args.video), length))
             velocity, options = decide(bb, bank, torch.stack(first, dim=1), args.video.name, options)
-        progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)")
+        progress = Progress(args.video.name, plan=restore.describe_plan(bb, info.height, info.width, options,
+                                                                         info.frames))
         restore.restore_video_file(bb, velocity, args.video, target, options, progress, args.side_by_side)
         print(f"wrote {target} ({info.frames} frames at {info.fps} fps)", file=sys.stderr)
         return
@@ -394,7 +396,8 @@ def run_video(args, bb, velocity, rank: int, world: int, bank=None) -> None:
     options = args.options
     if bank is not None:
         velocity, options = decide(bb, bank, video.frames, args.video.name, options)
-    progress = Progress(f"{args.video.name} ({len(starts)} chunks of {length} frames)", enabled=rank == 0)
+    progress = Progress(args.video.name, enabled=rank == 0, plan=restore.describe_plan(
+        bb, *video.frames.shape[-2:], options, video.frames.shape[1] if args.options.first_frames is None else length))
     restored = restore.restore_video(bb, velocity, video.frames, options, progress, rank, world)
     if rank == 0:
         target = args.output or Path(f"{args.video.stem}_restored.mp4")
