@@ -31,7 +31,7 @@ TINY_TEXT_LEN = 16  # text tokens (and K) of the tiny random presets (this proje
 TRAIN_SIZE = {"flux": (1024, 1024), "wan": (480, 832)}  # training crops (H, W) of the official backbones
 TRAIN_FRAMES = 33  # Wan training clip length
 TILE = 1024  # FLUX.1: images larger than TILE x TILE pixels are restored in overlapping tiles
-SMALL_TILE = 256  # the same for the miniatures and the tiny presets (this project's choice)
+SMALL_TILE = 256  # the same for the video miniature and the tiny presets (the image miniature: 128; backbone.py)
 CHUNK_FRAMES = 33  # video chunk length (4k+1) and the overlap of neighbouring chunks (this project's choice)
 CHUNK_OVERLAP = 8
 MAX_PIXELS = 1 << 24  # largest input sample.py (per frame) and serve.py (width x height x frames) decode (ours)
@@ -55,5 +55,6 @@ def clip_length_at_most(frames: int) -> int:
     """The longest 4k+1 clip length <= frames (frames >= 1)."""
     return (frames - 1) // FRAME_STRIDE * FRAME_STRIDE + 1
 
-# A miniature's default prompt when none is named: the all-in-one prompt, prompts/ALL_IN_ONE.safetensors.
+# The all-in-one prompt's name, prompts/ALL_IN_ONE.safetensors: a miniature's default when it records no
+# default_prompt (the shipped ones record "auto": the bank's estimator chooses; restore.default_prompt).
 ALL_IN_ONE = "all"

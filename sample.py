@@ -1,6 +1,6 @@
 """Restore images and videos with a frozen FLUX.1 / Wan2.1 and learned prompts; evaluate restorations.
 
-    python sample.py --image photo.png                         # the shipped miniature and its prompts, CPU, seconds
+    python sample.py --image photo.png                         # the shipped miniature and its prompts, on a CPU
     python sample.py --image photos/ --flux FLUX.1-dev/ --prompt haze.safetensors -o restored/
     python sample.py --video clip.mp4 --wan Wan2.1-T2V-1.3B/ --prompt rain.safetensors -o clip_restored.mp4
     python sample.py --image x.png --flux FLUX.1-dev/ --prompt blur.safetensors --prompt lowlight.safetensors
@@ -117,9 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--paper-metrics", action="store_true", default=None, help="evaluation: also the authors' PSNR "
                    "(float RGB) and SSIM (scikit-image's default) at 512x512, bicubic without antialias")
     g = p.add_argument_group("size")
-    g.add_argument("--tile", type=int, help="restore images larger than TILE x TILE pixels in overlapping tiles "
-                   f"(multiple of 32; default: {defaults.TILE} for FLUX, {defaults.SMALL_TILE} for the miniatures "
-                   "and the tiny preset)")
+    g.add_argument("--tile", type=int, help="restore images and video frames larger than TILE x TILE pixels in "
+                   f"overlapping tiles (multiple of 32; default: the backbone's: {backbones.BACKBONES['flux-dev'].tile} "
+                   f"for FLUX.1, {backbones.BACKBONES['wan-1.3b'].tile} for Wan2.1, "
+                   f"{backbones.BACKBONES['mini-flux'].tile} for the image miniature, "
+                   f"{backbones.BACKBONES['mini-wan'].tile} for the video miniature and the tiny presets)")
     g.add_argument("--chunk-frames", type=int, default=defaults.CHUNK_FRAMES, help="video frames per chunk, 4k+1 "
                    "(default: %(default)s)")
     g.add_argument("--chunk-overlap", type=int, default=defaults.CHUNK_OVERLAP, help="frames shared by neighbouring "
