@@ -98,6 +98,7 @@ class Model:
     text_cache: Path | None = None
     bank: estimator.Bank | None = None
     t0s: dict = field(default_factory=dict)  # prompt name -> the T0 it was trained at (restore.trained_t0)
+    text_example: str = "a sharp, clean photo"  # what the page's text box suggests: words this backbone takes
 
     def velocity(self, choice: str, words: str):
         if choice == "text":
@@ -117,7 +118,7 @@ class Model:
     def describe(self) -> dict:
         return {"name": self.bb.name, "config": self.bb.config,
                 "prompts": (["auto"] if self.bank is not None else []) + list(self.velocities),
-                "default": self.default, "text": self.text}
+                "default": self.default, "text": self.text, "text_example": self.text_example}
 
 
 def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | None = None,
@@ -137,11 +138,17 @@ def make_model(bb: backbones.Backbone, files: list[Path], text_cache: Path | Non
         text = True
     except ValueError:
         text = False
+    example = Model.text_example
     if text and bb.spec.source == "miniature":  # a miniature's words come from the vocabulary it records
-        text = bool(json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary"))
+        vocabulary = json.loads((Path(bb.folder) / backbones.MINIATURE_FILE).read_text()).get("vocabulary") or {}
+        text, example = bool(vocabulary), "clean" if "clean" in vocabulary else next(iter(vocabulary), "")
+    loaded_bank = restore.load_bank(bank, bb) if bank is not None else None
+    for name, (prompt, meta) in zip(loaded_bank.names if loaded_bank else [], loaded_bank.prompts if loaded_bank else []):
+        if name not in velocities:  # each of the bank's prompts is a choice of its own, by its name
+            velocities[name] = restore.velocity_for(bb, [prompt])
+            t0s[name] = restore.trained_t0([meta])
     default = "auto" if bank is not None else "all" if len(modules) > 1 else files[0].stem if files else "none"
-    return Model(bb, velocities, default, text, text_cache, restore.load_bank(bank, bb) if bank is not None else None,
-                 t0s)
+    return Model(bb, velocities, default, text, text_cache, loaded_bank, t0s, example)
 
 
 @dataclass

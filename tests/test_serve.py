@@ -816,3 +816,18 @@ def test_browser_drops_an_image_and_sees_it_restored(models, tmp_path):
     assert picture.shape[:2] == (1000, 1100) and picture.std() > 10  # a rendered page, not a blank one
     if os.environ.get("SERVE_SCREENSHOT"):
         Path(os.environ["SERVE_SCREENSHOT"]).write_bytes(shot)
+
+
+def test_the_page_offers_every_shipped_prompt_by_name_and_words_it_takes():
+    """The image miniature served as a user starts it: auto, each of its bank's prompts by name, all, none; its
+    text box suggests a word of its vocabulary, which text prompting then accepts."""
+    spec, folder = backbone.resolve("flux")
+    bb = backbone.load(spec.name, folder)
+    files = restore.prompt_files([], spec, folder)
+    model = serve.make_model(bb, files, bank=folder / "prompts" / estimator.BANK_NAME)
+    offered = model.describe()["prompts"]
+    assert offered[0] == "auto" and {"none", "all"} <= set(offered)
+    assert set(model.bank.names) <= set(offered) and {"haze", "lowlight", "snow"} <= set(offered)
+    assert model.t0s["noise"] == 0.1 and model.t0s["haze"] == defaults.T0  # each at its own trained T0
+    assert model.text and model.text_example == "clean"
+    model.velocity("text", model.text_example)  # accepted: no RequestError
