@@ -221,6 +221,17 @@ def markdown(summary: dict, columns: list[str], metric: str = "psnr") -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_table(summary: dict, columns: list[str], default: str) -> str:
+    """The README's table: per column, the degraded input against the default (PSNR dB, SSIM, block texture)."""
+    lines = ["| | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for metric, digits in (("psnr", 2), ("ssim", 3), ("block", 3)):
+        name = {"psnr": "PSNR", "ssim": "SSIM", "block": "block texture"}[metric]
+        cells = [f"{summary['input'][c][metric]:.{digits}f} -> **{summary[default][c][metric]:.{digits}f}**"
+                 for c in columns]
+        lines.append(f"| {name}, input -> default | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_grid(target: Path, items: list[dict], out: Path, rows: list[str]) -> None:
     """One row per Kodak/CBSD column (its first image): input | each sampled row | clean."""
     firsts = {}
@@ -326,7 +337,9 @@ def main() -> None:
     text = ("# The miniature: restoration on photos it never saw\n\nWritten by `python -m mini.compare`.\n\n"
             "Block texture: how much sharper luma steps are across the 8-pixel token grid's lines than elsewhere, "
             "minus the clean crop's figure (`metrics.block_texture`; 0: none added).\n\n"
-            "## Training-family degradations (Kodak24 crops; CBSD68 crops for noise)\n\n"
+            + (f"## The default (`{default}`) against its input\n\n" + default_table(summary, seen, default) + "\n"
+               + default_table(summary, unseen, default) + "\n" if default in summary else "")
+            + "## Training-family degradations (Kodak24 crops; CBSD68 crops for noise)\n\n"
             + "\n".join(markdown(summary, seen, m) for m in METRICS)
             + "\n## Our own degradation settings (mini/unseen.py, mini/heldout/)\n\n"
             + "\n".join(markdown(summary, unseen, m) for m in METRICS))

@@ -31,7 +31,8 @@ class PixelCode:
     what the sampler returns is what comes out. Records the last latent it encoded and the tile arguments."""
 
     def __init__(self):
-        self.vae = SimpleNamespace(downscale=DOWN)
+        self.vae = SimpleNamespace(downscale=DOWN, spatial_factor=DOWN)
+        self.spec = None  # no backbone table entry: the options' defaults (no grid shift)
         self.encoded, self.tiles = [], []
 
     def encode(self, pixels, tile=None):

@@ -325,7 +325,7 @@ def test_auto_restores_with_the_estimators_decision(tmp_path):
     estimator.save_bank(tmp_path / "bank.safetensors", files,
                         estimator.Estimator(["noise", "haze", "lowlight"], size=32, detail=32, width=8))
     model = serve.make_model(bb, [], bank=tmp_path / "bank.safetensors")
-    assert model.describe()["prompts"] == ["auto", "none"] and model.default == "auto"
+    assert model.describe()["prompts"] == ["auto", "none", "noise", "haze", "lowlight"] and model.default == "auto"
     server = start_server({"image": model})
     try:
         image = (data.toy_images(1, 32, 48, seed=5)[0] * 255).round() / 255
