@@ -15,7 +15,7 @@ on the backbone and is measured (on the miniature, averaging two prompts' veloci
     save_bank("bank.safetensors", prompt_files, est)
     bank = load_bank("bank.safetensors")            # strict: a foreign, mis-shaped or tampered file is refused
 
-The estimator (`Estimator`, ~30k parameters) has two branches: an overview of the whole input resized to
+The estimator (`Estimator`, 34,294 parameters) has two branches: an overview of the whole input resized to
 `size` x `size` (haze, low light, colour casts: global statistics) and a detail view, the centre `detail` x
 `detail` crop at native resolution together with its high-pass residual (noise, blur, rain streaks, snow
 flakes: they vanish when an image is shrunk); both also see the input auto-exposed (`exposed`), so that a dark

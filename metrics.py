@@ -7,7 +7,7 @@ easily moves PSNR by more than the gap between two methods. The ones used here, 
    `resize_to(x, 512)` is a bicubic, antialiased resize of the last two axes to 512 x 512 (the aspect ratio is
    NOT kept), clamped to [0, 1]. Apply it to prediction and target alike, before the metric.
 2. Quantise. Inputs are float tensors in [0, 1]. They are clamped to [0, 1] and rounded to 8 bits,
-   `round(x * 255)` (`quantise`), exactly the values `data.write_image` would store in a PNG. Metrics are
+   `round(x * 255)` (`quantise`), exactly the values `media.write_image` would store in a PNG. Metrics are
    computed on these integer levels 0..255 (held as float64), as papers do when they measure saved images.
 3. Colour. `channel="rgb"` measures the three RGB channels. `channel="y"` measures the ITU-R BT.601 luma of the
    8-bit RGB, in studio range [16, 235] and NOT re-rounded:
@@ -67,7 +67,7 @@ DATA_RANGE = 255.0  # metrics are computed on 8-bit levels
 def quantise(x: Tensor) -> Tensor:
     """Float tensor (any shape) in [0, 1] -> the same shape of 8-bit levels {0, ..., 255} as float64.
 
-    Clamp to [0, 1], multiply by 255 and round half to even in float32 -- the same values `data.write_image`
+    Clamp to [0, 1], multiply by 255 and round half to even in float32 -- the same values `media.write_image`
     stores -- then widen to float64 so that the metric arithmetic is exact enough to match skimage.
     """
     return x.detach().float().clamp(0, 1).mul(255).round().double()

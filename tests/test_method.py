@@ -1,5 +1,5 @@
-"""The method's semantics in bridge.py, checked against REFERENCE.md's equations on velocity fields whose answers
-are known in closed form — not only the perfect-x0 velocity `(x_t - x0) / t`, which recovers x0 from ANY x_t and
+"""The method's semantics in bridge.py, checked against the paper's equations (bridge.py's docstring) on velocity
+fields whose answers are known in closed form — not only the perfect-x0 velocity `(x_t - x0) / t`, which recovers x0 from ANY x_t and
 so cannot tell a wrong path, a wrong T0 or a wrong noise from the right ones.
 
   bridge   X_t = (1 - t) * ((1 - lam) * X0 + lam * Y) + t * eps,  lam = t / T0;  naive: (1 - t) * Y + t * eps

@@ -1,5 +1,5 @@
 """The prompt paths against an independent reference: diffusers' FLUX / Wan transformers (holding our random
-weights, through diffusers' own converters) with the prompt put in from the written equations of REFERENCE.md,
+weights, through diffusers' own converters) with the prompt put in from the method's written equations (prompts.py),
 by hooking each block's attention input the authors' way; ours is `Backbone.velocity` with a real prompt object.
 
   FLUX deep  block i (double blocks first) adds alpha_i * P to the normalised, modulated text tokens entering its
