@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from media import describe
 from weights import CheckpointError, build, read_state_dict
 
 Channel = Literal["rgb", "y"]
@@ -87,17 +88,13 @@ def resize_to(image: Tensor, size: int = 512) -> Tensor:
     Computed in float32 (float64 stays float64) and returned in the input's dtype.
     """
     if not isinstance(image, Tensor) or not image.is_floating_point() or image.ndim < 3:
-        raise ValueError(f"resize_to: expected a float tensor [..., H, W] with channels, got {_describe(image)}")
+        raise ValueError(f"resize_to: expected a float tensor [..., H, W] with channels, got {describe(image)}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"resize_to: size must be a positive int, got {size!r}")
     height, width = image.shape[-2:]
     planes = image.reshape(1, -1, height, width).to(torch.promote_types(image.dtype, torch.float32))
     resized = F.interpolate(planes, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     return resized.clamp(0, 1).reshape(*image.shape[:-2], size, size).to(image.dtype)
-
-
-def _describe(x: object) -> str:
-    return f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 def _frames(pred: Tensor, target: Tensor, video: bool | None) -> tuple[Tensor, Tensor]:
@@ -109,7 +106,7 @@ def _frames(pred: Tensor, target: Tensor, video: bool | None) -> tuple[Tensor, T
     """
     for name, x in (("pred", pred), ("target", target)):
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise ValueError(f"{name}: expected a float tensor in [0, 1], got {_describe(x)}")
+            raise ValueError(f"{name}: expected a float tensor in [0, 1], got {describe(x)}")
         if x.isnan().any():
             raise ValueError(f"{name} holds NaN values (clamping cannot give them a meaning)")
     if pred.shape != target.shape:
@@ -213,7 +210,7 @@ def grid_step_ratio(image: Tensor, grid: int) -> float:
     the ratio of their means is returned (about 1 for a photo: a grid means nothing to it).
     """
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"expected a float image [3, H, W] in [0, 1], got {_describe(image)}")
+        raise ValueError(f"expected a float image [3, H, W] in [0, 1], got {describe(image)}")
     if grid < 2 or min(image.shape[-2:]) < 2 * grid:
         raise ValueError(f"the image must hold two {grid}-pixel cells each way, got {list(image.shape)}")
     y = rgb_to_y(quantise(image))[0]
@@ -303,7 +300,7 @@ class LPIPS(nn.Module):
             raise LPIPSUnavailable("this LPIPS has no weights loaded; use load_lpips(paths). " + LPIPS_WEIGHTS_HELP)
         if pred.ndim != 4 or pred.shape[1] != 3 or pred.shape != target.shape:
             raise ValueError(f"LPIPS expects pred and target [B, 3, H, W] of one shape, got "
-                             f"{_describe(pred)} and {_describe(target)}")
+                             f"{describe(pred)} and {describe(target)}")
         weight = self.lin0.model[1].weight
         shift = torch.tensor(LPIPS_SHIFT, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
         scale = torch.tensor(LPIPS_SCALE, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
@@ -469,7 +466,7 @@ class DISTS(nn.Module):
             raise LPIPSUnavailable("this DISTS has no weights loaded; use load_dists(paths). " + DISTS_WEIGHTS_HELP)
         if pred.ndim != 4 or pred.shape[1] != 3 or pred.shape != target.shape:
             raise ValueError(f"DISTS expects pred and target [B, 3, H, W] of one shape, got "
-                             f"{_describe(pred)} and {_describe(target)}")
+                             f"{describe(pred)} and {describe(target)}")
         total = self.alpha.sum() + self.beta.sum()
         alphas = (self.alpha / total).split(DISTS_CHANNELS, dim=1)
         betas = (self.beta / total).split(DISTS_CHANNELS, dim=1)
