@@ -2,7 +2,8 @@
 
     python -m mini.wan.evaluate --video ../shared/data/video --eval ../shared/data/eval --threads 1
 
-Rows (PSNR over all frames of a clip, mean over clips; every clip degraded with a fixed seed per degradation):
+Rows (PSNR and SSIM over all frames of a clip, the flicker and the block texture of `metrics.block_texture` on the
+8-pixel token grid, means over clips; every clip degraded with a fixed seed per degradation):
   degraded       the degraded input itself
   vae ceiling    the CLEAN clip through the VAE round trip: no latent method can do better than this
   empty prompt   the bridge with the plain pre-trained model (no learned prompt)
@@ -103,8 +104,7 @@ def main() -> None:
     for set_name, videos in sets.items():
         for degradation in args.degradations:
             cell = table.setdefault(set_name, {}).setdefault(degradation, {})
-            scores: dict[str, list[float]] = {}
-            flickers: dict[str, list[float]] = {}
+            scores: dict[str, list[dict]] = {}
             for index, (clip_name, clean) in enumerate(videos.items()):
                 degraded = degrade(clean, degradation, seed=1000 + index)
                 outputs = {"degraded": degraded,
@@ -118,11 +118,12 @@ def main() -> None:
                 if default_row is not None:
                     outputs["default"] = outputs[default_row]
                 for row, out in outputs.items():
-                    scores.setdefault(row, []).append(metrics.psnr(out, clean, video=True))
-                    flickers.setdefault(row, []).append(flicker(out) / flicker(clean))
-            for row in scores:
-                cell[row] = {"psnr": round(sum(scores[row]) / len(scores[row]), 2),
-                             "flicker": round(sum(flickers[row]) / len(flickers[row]), 3)}
+                    scores.setdefault(row, []).append({
+                        "psnr": metrics.psnr(out, clean, video=True), "ssim": metrics.ssim(out, clean, video=True),
+                        "flicker": flicker(out) / flicker(clean), "block": metrics.block_texture(out, clean)})
+            for row, measured in scores.items():
+                cell[row] = {key: round(sum(m[key] for m in measured) / len(measured), 2 if key == "psnr" else 3)
+                             for key in measured[0]}
             print(set_name, degradation, {r: v["psnr"] for r, v in cell.items()}, f"{(time.time() - start) / 60:.1f} min",
                   flush=True)
     minutes = round((time.time() - start) / 60, 1)
@@ -142,7 +143,8 @@ def main() -> None:
         names = list(next(iter(cells.values())))
         print(f"\n{set_name}\n| degradation | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))
         for degradation, cell in cells.items():
-            print(f"| {degradation} | " + " | ".join(f"{cell[n]['psnr']:.2f}" if n in cell else "-" for n in names) + " |")
+            print(f"| {degradation} | " + " | ".join(f"{cell[n]['psnr']:.2f} / {cell[n]['ssim']:.3f}" if n in cell
+                                                   else "-" for n in names) + " |")
 
 
 if __name__ == "__main__":
