@@ -56,9 +56,10 @@ def default_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
 
 def set_threads(requested: int | None = None) -> int:
     """Set torch's CPU threads and return them: `requested`, or the CPUs this process may use less the ones other
-    work keeps busy (the 1-minute load average, rounded), at least 1. On 2 CPUs with one other busy process, two
-    threads restored a 256 px crop 1.6x slower than one (6.2 vs 10.2 s, median of 3; a user saw 5-10x with more
-    load): oversubscribed threads wait on each other. A quiet machine keeps all its CPUs."""
+    work keeps busy (the 1-minute load average, rounded), at least 1. Measured on 2 CPUs (a 256 px crop, 8 steps,
+    medians of 3 whole runs): quiet, 2 threads 4.9 s vs 1 thread 5.8 s; beside one busy process, 2 threads 10.2 s
+    vs 1 thread 6.2 s (a user saw 5-10x with more load): oversubscribed threads wait on each other. So the rule
+    costs at most 1.2x when the load average lags behind a machine that just went quiet, never the 1.6-10x."""
     if requested is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         requested = max(1, min(cpus, cpus - round(os.getloadavg()[0])))
