@@ -499,10 +499,10 @@ class Server(ThreadingHTTPServer):
         self.connection_timeout = timeout
         self.connections = threading.BoundedSemaphore(max_connections)
         host, port = self.server_address[:2]
-        loopback = host in ("127.0.0.1", "::1") or host.startswith("127.")
-        # None: any Host (bound to a network address on purpose); else the names this server is reached by
-        self.hosts = {f"{name}:{port}" for name in LOOPBACK_NAMES + (host,)} | (
-            set(LOOPBACK_NAMES) if port == 80 else set()) if loopback else None
+        self.hosts = None  # any Host: bound to a network address on purpose
+        if host == "::1" or host.startswith("127."):  # loopback: only the names this server is reached by
+            names = {*LOOPBACK_NAMES, host}
+            self.hosts = {f"{name}:{port}" for name in names} | (names if port == 80 else set())
 
     def process_request(self, request, client_address) -> None:
         """At most `max_connections` at once: one more is closed at once (its client retries later)."""
