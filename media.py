@@ -96,19 +96,23 @@ def check_decoded_size(what: str, width: int, height: int, max_pixels: int | Non
                          f"{max_pixels / 1e6:.1f} million are taken (--max-pixels)")
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) an image file's header declares, no pixel decoded; ValueError for a file Pillow cannot
-    identify and for one declaring more pixels than Pillow decodes safely."""
-    path = Path(path)
+def _open_image(path: Path) -> Image.Image:
+    """Open an image file lazily (its header read, no pixel decoded); ValueError for a file Pillow cannot identify
+    and for one declaring more pixels than Pillow decodes safely."""
     try:
         with warnings.catch_warnings():  # Pillow's own bomb warning: callers check the size themselves
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.size
+            return Image.open(path)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: the image declares more pixels than can be decoded safely ({err})") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise ValueError(f"{path}: cannot read this image file ({err})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) an image file's header declares, no pixel decoded (ValueError as `_open_image`)."""
+    with _open_image(Path(path)) as image:
+        return image.size
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor:
@@ -123,9 +127,11 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor
     is checked before any pixel is decoded (`check_decoded_size`).
     """
     path = Path(path)
-    check_decoded_size(str(path), *image_size(path), max_pixels)
+    image = _open_image(path)
+    kind = image.format or "known"
     try:
-        with Image.open(path) as image:
+        with image:
+            check_decoded_size(str(path), *image.size, max_pixels)
             if getattr(image, "n_frames", 1) > 1:
                 raise ValueError(f"{path}: an animated image with {image.n_frames} frames; save one frame as PNG")
             mode = image.mode
@@ -141,7 +147,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Tensor
             image = ImageOps.exif_transpose(image.convert("RGB") if mode == "P" else image)
             pixels = np.asarray(image)
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:  # a known format, broken inside
-        raise ValueError(f"{path}: a {image.format or 'known'} image that cannot be decoded ({err})") from None
+        raise ValueError(f"{path}: a {kind} image that cannot be decoded ({err})") from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255)
 
 

@@ -117,6 +117,13 @@ def tile_for(bb: backbones.Backbone, options: RestoreOptions) -> int:
     return bb.spec.tile if bb.spec is not None else defaults.TILE
 
 
+def grid_shift_for(bb: backbones.Backbone, options: RestoreOptions) -> bool:
+    """Whether the sampler moves the token grid per step: the request's choice, else the backbone's (Spec.grid_shift)."""
+    if options.grid_shift is not None:
+        return options.grid_shift
+    return bb.spec is not None and bb.spec.grid_shift
+
+
 GRID_SHIFTS = ((0, 0), (1, 1), (0, 1), (1, 0))  # latent-pixel offsets of the 2 x 2 token grid, one per step in turn
 
 
@@ -152,8 +159,7 @@ def sampler_velocity(bb: backbones.Backbone, velocity: bridge.VelocityFn, option
     velocity = dit_velocity(bb, velocity, options)
     if latent_tile is not None:
         velocity = tiled_velocity(velocity, latent_tile, defaults.tile_overlap(latent_tile))
-    shift = options.grid_shift if options.grid_shift is not None else bb.spec is not None and bb.spec.grid_shift
-    return grid_shifted(velocity) if shift else velocity
+    return grid_shifted(velocity) if grid_shift_for(bb, options) else velocity
 
 
 def describe_plan(bb: backbones.Backbone, height: int, width: int, options: RestoreOptions,
@@ -173,8 +179,8 @@ def describe_plan(bb: backbones.Backbone, height: int, width: int, options: Rest
     if frames is not None:
         length, starts = chunk_plan(frames, options.chunk_frames, options.chunk_overlap)
         text += f", {frames} frames in {len(starts)} chunk{'s' if len(starts) > 1 else ''} of {length}"
-    shift = options.grid_shift if options.grid_shift is not None else bb.spec is not None and bb.spec.grid_shift
-    return text + f", {options.steps} steps from T0 {options.t0:g}" + (", token grid shifted per step" if shift else "")
+    shift = ", token grid shifted per step" if grid_shift_for(bb, options) else ""
+    return text + f", {options.steps} steps from T0 {options.t0:g}" + shift
 
 
 # ---------------------------------------------------------------------------------------------- prompts

@@ -221,7 +221,7 @@ def check_paths(args: argparse.Namespace) -> None:
     if args.image is not None and source.is_file():  # sizes from the header: a bomb is refused before any model
         media.check_decoded_size(str(source), *media.image_size(source), args.max_pixels)
     if args.video is not None and source.is_file():  # one frame at a time: the frame's size is what counts
-        info = media.probe_video(source)
+        info = media.probe_video(source, max_frames=1)  # the header's size; the frames are counted later
         media.check_decoded_size(str(source), info.width, info.height, args.max_pixels)
     folder_out = args.eval is not None or (args.image is not None and args.image.is_dir())
     if args.output is None:

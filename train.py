@@ -133,7 +133,7 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError(f"--out {out}: an existing file, where a run folder is written")
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found == ["log.jsonl"] and not resume:  # a run stopped before its first checkpoint: nothing to keep
-        found, overwrite = ["log.jsonl"], True
+        overwrite = True
     if found and not resume and not overwrite:
         raise ValueError(f"--out {out} holds a run ({', '.join(found)}): continue it with --resume, start afresh "
                          "with --overwrite, or choose another folder")
